@@ -1,0 +1,267 @@
+"""Prefill, decode one token, and generate with stop rules; cancellation between steps.
+
+These are the only functions that drive the forward pass; sampling is delegated to
+`engine.sampling`, K/V lives in an `engine.kv_cache.KVCache` the caller may reuse.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.kv_cache import KVCache
+from engine.model import Cancelled, forward
+from engine.runtime import Model
+from engine.sampling import Sampler, SamplingParams, top_logprobs
+from engine.tokenizer import IncrementalDecoder
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    max_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_strings: tuple[str, ...] = ()
+    stop_ids: frozenset[int] | None = None  # None: the tokenizer's end tokens
+    top_logprobs: int = 0  # also report this many alternatives per step
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.prefill_chunk <= 0:
+            raise ValueError(f"prefill_chunk must be > 0, got {self.prefill_chunk}")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token and the text it completed (may be '' mid-character)."""
+
+    token_id: int
+    logprob: float
+    text: str
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Final:
+    """How a generation ended, with its timings."""
+
+    reason: str  # "stop" (end token), "stop_string", "length"
+    text: str  # the whole generated text (stop string excluded)
+    tail: str  # text released only at the end (held-back stop-string prefix, cut character)
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    prefill_tokens: int  # prompt tokens actually evaluated (less when K/V was reused)
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = max(len(self.token_ids) - 1, 0)  # the first token comes out of prefill
+        return n / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def prefill(
+    model: Model,
+    kv: KVCache,
+    tokens: Sequence[int],
+    *,
+    chunk: int = DEFAULT_PREFILL_CHUNK,
+    should_stop: Callable[[], bool] | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Evaluate `tokens` after kv.length in chunks; return the logits after the last one.
+
+    `on_chunk(kv.length)` runs after each finished chunk (a prompt cache can keep it).
+    """
+    assert len(tokens) > 0
+    logits: np.ndarray | None = None
+    for s in range(0, len(tokens), chunk):
+        part = tokens[s : s + chunk]
+        last = s + chunk >= len(tokens)
+        logits = forward(
+            model.config,
+            model.weights,
+            part,
+            kv,
+            logits="last" if last else "none",
+            should_stop=should_stop,
+        )
+        if on_chunk is not None:
+            on_chunk(kv.length)
+    assert logits is not None
+    return logits
+
+
+def decode_one(model: Model, kv: KVCache, token_id: int) -> np.ndarray:
+    """Append one token and return the next-token logits (V,)."""
+    out = forward(model.config, model.weights, [token_id], kv, logits="last")
+    assert out is not None
+    return out
+
+
+class StopStringFilter:
+    """Holds back text that might be the start of a stop string; cuts at the first match."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.text = ""  # everything seen
+        self.emitted = 0  # how much of it was released
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        self.text += piece
+        if not self.stops:
+            self.emitted = len(self.text)
+            return piece
+        longest = max(len(s) for s in self.stops)
+        search_from = max(0, self.emitted - longest + 1)
+        hits = [i for s in self.stops if (i := self.text.find(s, search_from)) >= 0]
+        if hits:
+            cut = min(hits)
+            out = self.text[self.emitted : cut]
+            self.text = self.text[:cut]
+            self.emitted = cut
+            self.stopped = True
+            return out
+        hold = 0
+        for s in self.stops:  # longest suffix of text that is a proper prefix of a stop
+            for n in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        safe = len(self.text) - hold
+        out = self.text[self.emitted : safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return out
+
+    def flush(self) -> str:
+        out = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return out
+
+
+class TokenStream:
+    """The decode side of one generation: sample, detokenize, apply stop rules, keep ids/text.
+
+    Shared by `generate` and the daemon's scheduler, which drive the forward pass themselves.
+    """
+
+    def __init__(self, model: Model, opts: GenerateOptions, max_new: int) -> None:
+        tok = model.tokenizer
+        self.opts = opts
+        self.max_new = max_new
+        self.stop_ids = tok.stop_ids if opts.stop_ids is None else opts.stop_ids
+        self.sampler = Sampler(opts.sampling, tok.vocab_size)
+        self.detok = IncrementalDecoder(tok)
+        self.stops = StopStringFilter(opts.stop_strings)
+        self.ids: list[int] = []
+        self.text: list[str] = []
+        self.reason = ""  # set when done: stop, stop_string, length
+
+    @property
+    def done(self) -> bool:
+        return bool(self.reason)
+
+    def step(self, logits: np.ndarray) -> Step | None:
+        """Pick the next token from `logits`; None if generation ended without a new token."""
+        assert not self.done
+        if len(self.ids) >= self.max_new:
+            self.reason = "length"
+            return None
+        tid, lp = self.sampler(logits)
+        if tid in self.stop_ids:
+            self.reason = "stop"
+            return None
+        self.ids.append(tid)
+        n_top = self.opts.top_logprobs
+        top = tuple(top_logprobs(logits, n_top)) if n_top else ()
+        piece = self.stops.push(self.detok.push(tid))
+        self.text.append(piece)
+        if self.stops.stopped:
+            self.reason = "stop_string"
+        elif len(self.ids) >= self.max_new:
+            self.reason = "length"
+        return Step(tid, lp, piece, top)
+
+    def finish(self) -> str:
+        """Release held-back text; returns it (the `tail`)."""
+        tail = ""
+        if not self.stops.stopped:
+            tail = self.stops.push(self.detok.flush()) + self.stops.flush()
+        self.text.append(tail)
+        return tail
+
+
+def generate(
+    model: Model,
+    prompt_ids: Sequence[int],
+    opts: GenerateOptions,
+    *,
+    kv: KVCache | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[Step | Final]:
+    """Prefill the prompt (reusing what `kv` already holds of its prefix), then sample.
+
+    Yields a Step per token and one Final at the end. Raises engine.model.Cancelled when
+    `should_stop()` turns true (checked between layers and between steps).
+    """
+    cfg = model.config
+    n_prompt = len(prompt_ids)
+    check_prompt_length(n_prompt, cfg.context_length)
+    max_new = min(opts.max_tokens, cfg.context_length - n_prompt)
+    if kv is None:
+        kv = KVCache(cfg, n_prompt + max(max_new, 1))
+    elif kv.capacity < n_prompt + max_new:
+        raise ValueError(f"KV cache holds {kv.capacity} positions; need {n_prompt + max_new}")
+    stream = TokenStream(model, opts, max_new)
+
+    # reuse the K/V of the longest shared prefix already in the cache (keep >= 1 to evaluate)
+    reuse = min(kv.common_prefix(np.asarray(prompt_ids, dtype=np.int64)), n_prompt - 1)
+    kv.truncate(reuse)
+    t0 = time.perf_counter()
+    logits = prefill(
+        model, kv, prompt_ids[reuse:], chunk=opts.prefill_chunk, should_stop=should_stop
+    )
+    prefill_s = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    while True:
+        step = stream.step(logits)
+        if step is None:
+            break
+        yield step
+        if stream.done:
+            break
+        if should_stop is not None and should_stop():
+            raise Cancelled()
+        logits = decode_one(model, kv, step.token_id)
+    decode_s = time.perf_counter() - t1
+    tail = stream.finish()
+    yield Final(
+        stream.reason,
+        "".join(stream.text),
+        tail,
+        tuple(stream.ids),
+        n_prompt,
+        n_prompt - reuse,
+        prefill_s,
+        decode_s,
+    )
+
+
+def check_prompt_length(n_prompt: int, context_length: int) -> None:
+    """ValueError for an empty prompt or one that leaves no room in the context."""
+    if n_prompt == 0:
+        raise ValueError("empty prompt: nothing to complete")
+    if n_prompt >= context_length:
+        raise ValueError(f"prompt is {n_prompt} tokens; the model's context is {context_length}")

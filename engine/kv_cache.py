@@ -1,0 +1,53 @@
+"""Preallocated K/V storage for one sequence: written by slice, cut back to a position."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.config import ModelConfig
+
+
+class KVCache:
+    """K and V for every layer, `(n_layers, n_kv_heads, capacity, head_dim)` fp32.
+
+    Positions `[0, length)` are valid. The forward pass writes new positions by slice;
+    `truncate(p)` forgets everything from `p` on (nothing is copied or freed).
+    """
+
+    def __init__(self, config: ModelConfig, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"KV cache capacity must be positive, got {capacity}")
+        if capacity > config.context_length:
+            raise ValueError(
+                f"KV cache capacity {capacity} exceeds the model context {config.context_length}"
+            )
+        shape = (config.n_layers, config.n_kv_heads, capacity, config.head_dim)
+        self.k = np.zeros(shape, dtype=np.float32)  # (L, KV, cap, hd); calloc: pages on touch
+        self.v = np.zeros(shape, dtype=np.float32)  # (L, KV, cap, hd)
+        self.tokens = np.zeros(capacity, dtype=np.int64)  # (cap,) the id at each position
+        self.capacity = capacity
+        self.length = 0
+
+    def truncate(self, position: int) -> None:
+        """Forget positions `position..length`; the next write starts there."""
+        assert 0 <= position <= self.length, (position, self.length)
+        self.length = position
+
+    def common_prefix(self, ids: np.ndarray) -> int:
+        """How many leading positions of `ids` this cache already holds."""
+        n = min(self.length, len(ids))
+        diff = np.flatnonzero(self.tokens[:n] != ids[:n])
+        return int(diff[0]) if diff.size else n
+
+    def load_prefix(self, ids: np.ndarray, k: np.ndarray, v: np.ndarray, start: int = 0) -> None:
+        """Copy K/V for positions `[start, start + n)` in (from a prompt cache)."""
+        n = k.shape[2]
+        assert start <= self.length and start + n <= self.capacity and len(ids) == n
+        self.k[:, :, start : start + n] = k
+        self.v[:, :, start : start + n] = v
+        self.tokens[start : start + n] = ids
+        self.length = start + n
+
+    @property
+    def nbytes_used(self) -> int:
+        return 2 * self.k[:, :, : self.length].nbytes

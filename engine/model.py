@@ -1,0 +1,246 @@
+"""The Gemma 3 forward pass in numpy: norms, RoPE, attention, MLP. Pure functions over weights.
+
+All math is fp32. Weights are `(out, in)` C-contiguous and applied as `x @ W.T`. Norm weights
+are stored as the factor to multiply by (GGUF already holds `1 + w`; HF loaders add the 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+
+SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
+
+
+class Cancelled(Exception):
+    """Raised between layers when the caller's `should_stop()` says so."""
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    attn_norm: np.ndarray  # (d,)
+    wqkv: np.ndarray  # (H*hd + 2*KV*hd, d): wq, wk, wv stacked, one matmul
+    q_norm: np.ndarray  # (hd,)
+    k_norm: np.ndarray  # (hd,)
+    wo: np.ndarray  # (d, H*hd)
+    post_attn_norm: np.ndarray  # (d,)
+    ffn_norm: np.ndarray  # (d,)
+    w_gate_up: np.ndarray  # (2*ff, d): w_gate, w_up stacked, one matmul
+    w_down: np.ndarray  # (d, ff)
+    post_ffn_norm: np.ndarray  # (d,)
+
+
+def pack_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Canonical named tensors (wq, wk, ..., tok_embd) -> the engine-ready layout.
+
+    Stacks wq|wk|wv and w_gate|w_up so each is one matmul, and stores the embedding
+    transposed (d, V): the LM head reads it as `x @ E_t`, the faster GEMV layout here.
+    """
+    out: dict[str, np.ndarray] = {
+        "tok_embd_t": np.ascontiguousarray(tensors["tok_embd"].T),
+        "final_norm": tensors["final_norm"],
+    }
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        out[p + "wqkv"] = np.concatenate([tensors[p + n] for n in ("wq", "wk", "wv")])
+        out[p + "w_gate_up"] = np.concatenate([tensors[p + "w_gate"], tensors[p + "w_up"]])
+        for n in ("attn_norm", "q_norm", "k_norm", "wo", "post_attn_norm", "ffn_norm",
+                  "w_down", "post_ffn_norm"):
+            out[p + n] = tensors[p + n]
+    return out
+
+
+@dataclass(frozen=True)
+class Weights:
+    tok_embd_t: np.ndarray  # (d, V): the embedding transposed, also the tied LM head
+    final_norm: np.ndarray  # (d,)
+    layers: tuple[LayerWeights, ...]
+
+    @classmethod
+    def from_packed(cls, config: ModelConfig, packed: Mapping[str, np.ndarray]) -> Weights:
+        """Wrap tensors in the `pack_tensors` layout (no copies)."""
+        names = LayerWeights.__dataclass_fields__
+        layers = tuple(
+            LayerWeights(**{n: packed[f"layers.{i}.{n}"] for n in names})
+            for i in range(config.n_layers)
+        )
+        return cls(packed["tok_embd_t"], packed["final_norm"], layers)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x / rms(x) * w over the last axis."""
+    ms = np.mean(np.square(x), axis=-1, keepdims=True)  # (..., 1)
+    return x * (1.0 / np.sqrt(ms + np.float32(eps))) * w  # (..., n)
+
+
+def rope_tables(positions: np.ndarray, head_dim: int, base: float) -> tuple[np.ndarray, ...]:
+    """cos and sin for NeoX RoPE at `positions` (already divided by any linear scale)."""
+    inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (hd/2,)
+    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
+    cos = np.cos(angles).astype(np.float32)[:, None, :]  # (T, 1, hd/2)
+    sin = np.sin(angles).astype(np.float32)[:, None, :]  # (T, 1, hd/2)
+    return cos, sin
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE on `(T, heads, hd)`: the two halves of each head form the pairs."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = np.empty_like(x)  # (T, heads, hd)
+    out[..., :half] = x1 * cos - x2 * sin
+    out[..., half:] = x2 * cos + x1 * sin
+    return out
+
+
+def gelu_tanh_mul(x: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gelu_tanh(x) * up, using 0.5 * (1 + tanh(z)) == 1 / (1 + exp(-2z)) (exp is 2x faster)."""
+    t = x * x  # (..., ff)
+    t *= np.float32(-2.0 * 0.044715) * SQRT_2_OVER_PI
+    t -= np.float32(2.0) * SQRT_2_OVER_PI
+    t *= x  # -2z
+    np.minimum(t, np.float32(80.0), out=t)  # exp(80) is finite in fp32; the result is ~0 there
+    np.exp(t, out=t)
+    t += np.float32(1.0)
+    out = x * up  # (..., ff)
+    out /= t
+    return out
+
+
+ATTN_QUERY_BLOCK = 128  # prefill attends per block of queries, skipping keys in their future
+
+AttnPlan = list[tuple[int, int, int, np.ndarray | None]]
+
+
+def attention_plan(start: int, n_new: int, window: int | None) -> AttnPlan:
+    """Per query block: (first query, end query, first key, additive mask or None).
+
+    Positions are absolute. A query at p sees keys k <= p, and p - k < window if windowed.
+    """
+    plan: AttnPlan = []
+    for b0 in range(0, n_new, ATTN_QUERY_BLOCK):
+        b1 = min(n_new, b0 + ATTN_QUERY_BLOCK)
+        q0, q1 = start + b0, start + b1
+        k0 = 0 if window is None else max(0, q0 - window + 1)
+        bias = None
+        if q1 - q0 > 1 or (window is not None and q0 - k0 >= window):
+            q_pos = np.arange(q0, q1)[:, None]  # (t, 1)
+            k_pos = np.arange(k0, q1)[None, :]  # (1, s)
+            visible = k_pos <= q_pos  # (t, s)
+            if window is not None:
+                visible &= (q_pos - k_pos) < window
+            bias = np.where(visible, np.float32(0.0), np.float32(-np.inf))  # (t, s)
+        plan.append((q0, q1, k0, bias))
+    return plan
+
+
+def attention(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, plan: AttnPlan, q_start: int
+) -> np.ndarray:
+    """Grouped-query attention. q (T, H, hd) pre-scaled at positions q_start..;
+    k, v (KV, P, hd) hold positions 0..P of this layer. Returns (T, H*hd)."""
+    T, H, hd = q.shape
+    n_kv = k.shape[0]
+    G = H // n_kv
+    out = np.empty((H, T, hd), dtype=np.float32)  # (H, T, hd)
+    for q0, q1, k0, bias in plan:
+        t = q1 - q0
+        qb = q[q0 - q_start : q1 - q_start]  # (t, H, hd)
+        qg = qb.transpose(1, 0, 2).reshape(n_kv, G * t, hd)  # (KV, G*t, hd): head h -> kv h//G
+        scores = qg @ k[:, k0:q1].transpose(0, 2, 1)  # (KV, G*t, s)
+        scores = scores.reshape(n_kv, G, t, -1)  # (KV, G, t, s)
+        if bias is not None:
+            scores += bias
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        ob = scores.reshape(n_kv, G * t, -1) @ v[:, k0:q1]  # (KV, G*t, hd)
+        out[:, q0 - q_start : q1 - q_start] = ob.reshape(H, t, hd)
+    return out.transpose(1, 0, 2).reshape(T, H * hd)  # (T, H*hd)
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def forward(
+    cfg: ModelConfig,
+    w: Weights,
+    tokens: Sequence[int] | np.ndarray,
+    kv: KVCache,
+    *,
+    logits: Literal["last", "all", "none"] = "last",
+    should_stop: Callable[[], bool] | None = None,
+) -> np.ndarray | None:
+    """Run `tokens` at positions kv.length.. ; append their K/V; return logits where asked.
+
+    Returns (V,) for "last", (T, V) for "all", None for "none". Raises Cancelled between
+    layers if `should_stop()` turns true; the cache then keeps only what it had before.
+    """
+    ids = np.asarray(tokens, dtype=np.int64)  # (T,)
+    T = ids.shape[0]
+    start = kv.length
+    end = start + T
+    assert T > 0 and end <= kv.capacity, (start, T, kv.capacity)
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    pos = np.arange(start, end)  # (T,)
+
+    # RoPE tables and masks, shared by all layers of a kind
+    rope_global = rope_tables(pos / cfg.rope_scale_global, hd, cfg.rope_base_global)
+    rope_local = rope_tables(pos, hd, cfg.rope_base_local)
+    plan_global = attention_plan(start, T, None)
+    plan_local = attention_plan(start, T, cfg.sliding_window)
+    scale = np.float32(cfg.attn_scale)
+
+    # token embedding, scaled by sqrt(d)
+    x = w.tok_embd_t[:, ids].T * np.float32(cfg.embed_scale)  # (T, d)
+
+    for i, layer in enumerate(w.layers):
+        if should_stop is not None and should_stop():
+            raise Cancelled()
+        local = cfg.sliding_layers[i]
+        cos, sin = rope_local if local else rope_global
+
+        # attention: pre-norm, q/k/v projections in one matmul
+        h = rmsnorm(x, layer.attn_norm, cfg.norm_eps)  # (T, d)
+        qkv = h @ layer.wqkv.T  # (T, (H + 2*KV) * hd)
+        q = qkv[:, : H * hd].reshape(T, H, hd)  # (T, H, hd)
+        k = qkv[:, H * hd : (H + KV) * hd].reshape(T, KV, hd)  # (T, KV, hd)
+        v = qkv[:, (H + KV) * hd :].reshape(T, KV, hd)  # (T, KV, hd)
+        # q/k norm over head_dim, then RoPE
+        q = apply_rope(rmsnorm(q, layer.q_norm, cfg.norm_eps), cos, sin) * scale  # (T, H, hd)
+        k = apply_rope(rmsnorm(k, layer.k_norm, cfg.norm_eps), cos, sin)  # (T, KV, hd)
+        # write this chunk's K/V into the cache by slice
+        kv.k[i, :, start:end] = k.transpose(1, 0, 2)
+        kv.v[i, :, start:end] = v.transpose(1, 0, 2)
+        # attend over the visible keys (last W positions on sliding layers)
+        plan = plan_local if local else plan_global
+        att = attention(q, kv.k[i, :, :end], kv.v[i, :, :end], plan, start)  # (T, H*hd)
+        # output projection, post-norm, residual
+        x = x + rmsnorm(att @ layer.wo.T, layer.post_attn_norm, cfg.norm_eps)  # (T, d)
+
+        # MLP: pre-norm, GeGLU-tanh, down projection, post-norm, residual
+        h = rmsnorm(x, layer.ffn_norm, cfg.norm_eps)  # (T, d)
+        gu = h @ layer.w_gate_up.T  # (T, 2*ff)
+        g = gelu_tanh_mul(gu[:, : cfg.ff_dim], gu[:, cfg.ff_dim :])  # (T, ff)
+        x = x + rmsnorm(g @ layer.w_down.T, layer.post_ffn_norm, cfg.norm_eps)  # (T, d)
+
+    kv.tokens[start:end] = ids
+    kv.length = end
+    if logits == "none":
+        return None
+
+    # final norm and tied LM head, only where logits are needed
+    xs = x[-1:] if logits == "last" else x  # (T', d)
+    out = rmsnorm(xs, w.final_norm, cfg.norm_eps) @ w.tok_embd_t  # (T', V)
+    if cfg.final_logit_softcap is not None:
+        cap = np.float32(cfg.final_logit_softcap)
+        out = np.tanh(out / cap) * cap  # (T', V)
+    return out[0] if logits == "last" else out

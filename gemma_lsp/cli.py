@@ -1,0 +1,159 @@
+"""Command line: argv -> subcommand (generate, tokenize). Engine modules load lazily."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="GGUF file (default: the embedded Gemma 3 270M)")
+    p.add_argument("--threads", type=int, help="BLAS threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma-lsp", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete a prompt with the local model")
+    g.add_argument("prompt", nargs="?", help="prompt text (default: read stdin)")
+    g.add_argument("--file", type=Path, help="read the prompt from this file")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    _add_model_args(g)
+
+    t = sub.add_parser("tokenize", help="print the token ids of stdin as JSON (BOS included)")
+    _add_model_args(t)
+    return parser
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None and args.file is not None:
+        raise CliError("give the prompt as an argument or with --file, not both")
+    if args.file is not None:
+        try:
+            data = args.file.read_bytes()
+        except OSError as e:
+            raise CliError(f"cannot read {args.file}: {e.strerror}") from e
+        return _utf8(data, str(args.file))
+    if args.prompt is not None:
+        return str(args.prompt)
+    return _utf8(sys.stdin.buffer.read(), "stdin")
+
+
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(f"{where} is not valid UTF-8 (byte {e.start})") from e
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from engine.runtime import Model, pin_blas_threads
+
+    if args.threads is not None and args.threads <= 0:
+        raise CliError(f"--threads must be positive, got {args.threads}")
+    pin_blas_threads(args.threads)
+    try:
+        return Model.load(args.model)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    text = _utf8(sys.stdin.buffer.read(), "stdin")
+    from engine.runtime import Model
+
+    try:
+        model = Model.load(args.model)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    print(json.dumps(model.tokenizer.encode(text, add_bos=True)))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = _read_prompt(args)
+    if not prompt:
+        raise CliError("empty prompt: give some text to complete")
+    if args.max_tokens < 0:
+        raise CliError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    from engine.generate import Final, GenerateOptions, generate
+    from engine.sampling import SamplingParams
+
+    try:
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    model = _load(args)
+    ids = model.tokenizer.encode(prompt, add_bos=True)
+    ctx = model.config.context_length
+    if len(ids) >= ctx:
+        raise CliError(f"prompt is {len(ids)} tokens; the model's context is {ctx} tokens")
+    opts = GenerateOptions(
+        max_tokens=args.max_tokens, sampling=sampling, stop_strings=tuple(args.stop)
+    )
+    final: Final | None = None
+    for ev in generate(model, ids, opts):
+        if isinstance(ev, Final):
+            final = ev
+        elif not args.json:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+    assert final is not None
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "token_ids": list(final.token_ids),
+                    "text": final.text,
+                    "prompt_tokens": final.prompt_tokens,
+                    "finish_reason": final.reason,
+                    "prefill_tok_s": round(final.prefill_tok_s, 2),
+                    "decode_tok_s": round(final.decode_tok_s, 2),
+                }
+            )
+        )
+    else:
+        sys.stdout.write(final.tail + "\n")
+        print(
+            f"[{final.prompt_tokens} prompt tokens at {final.prefill_tok_s:.1f} tok/s; "
+            f"{len(final.token_ids)} generated at {final.decode_tok_s:.1f} tok/s; "
+            f"stop: {final.reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "tokenize": cmd_tokenize}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="gemma-lsp: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as e:
+        print(f"gemma-lsp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Engine benchmark: load times, prefill/decode speed, peak RSS; llama.cpp side by side if present.
+
+Prints a table and writes JSON (--json PATH). Times are medians of --repeat runs, measured in
+one process with BLAS pinned to --threads. When llama-cpp-python is installed (extra `bench`),
+the same GGUF runs with the same thread count in the same run and ratios are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SAMPLE = ROOT.parent / "shared" / "bench" / "typing_base.py.txt"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _load_in_subprocess(cache: Path, threads: int) -> float:
+    """Time Model.load() in a fresh process (so nothing is already mapped)."""
+    code = (
+        f"import time,sys; sys.path.insert(0, {str(ROOT)!r}); t=time.perf_counter();"
+        "from engine.runtime import Model; Model.load(); print(time.perf_counter()-t)"
+    )
+    env = dict(os.environ, GEMMA_LSP_CACHE=str(cache), OPENBLAS_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _prompt_ids(model: Any, n: int) -> list[int]:
+    text = SAMPLE.read_text() if SAMPLE.exists() else "def f(x):\n    return x\n" * 200
+    ids: list[int] = model.tokenizer.encode(text * (1 + n // 1000))
+    return ids[:n]
+
+
+def bench_ours(threads: int, repeat: int, cold: bool) -> dict[str, Any]:
+    from engine.generate import decode_one, prefill
+    from engine.runtime import Model, pin_blas_threads
+
+    res: dict[str, Any] = {}
+    if cold:  # GGUF -> engine-ready copy, in a scratch cache dir, then a warm start from it
+        scratch = Path(tempfile.mkdtemp(prefix="gemma-lsp-bench-"))
+        try:
+            res["cold_load_s"] = _load_in_subprocess(scratch, threads)
+            res["warm_load_s"] = _load_in_subprocess(scratch, threads)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    blas, n = pin_blas_threads(threads)
+    res["blas"] = blas
+    res["blas_threads"] = n
+    t0 = time.perf_counter()
+    model = Model.load()
+    res["load_s_this_process"] = time.perf_counter() - t0
+
+    for n_tok in (128, 512, 1024):
+        ids = _prompt_ids(model, n_tok)
+        times = []
+        for _ in range(repeat):
+            kv = model.new_kv(n_tok + 1)
+            t = time.perf_counter()
+            prefill(model, kv, ids)
+            times.append(time.perf_counter() - t)
+        res[f"prefill_tok_s_{n_tok}"] = n_tok / statistics.median(times)
+
+    for ctx in (0, 1500):
+        ids = _prompt_ids(model, ctx + 1)
+        kv = model.new_kv(ctx + 80)
+        prefill(model, kv, ids)
+        steps = 48
+        t = time.perf_counter()
+        tok = ids[-1]
+        for _ in range(steps):
+            logits = decode_one(model, kv, tok)
+            tok = int(logits.argmax())
+        res[f"decode_tok_s_ctx{ctx}"] = steps / (time.perf_counter() - t)
+    res["decode_tok_s"] = res["decode_tok_s_ctx0"]
+    res["peak_rss_mb"] = _peak_rss_mb()
+    return res
+
+
+def bench_llama_cpp(threads: int, repeat: int) -> dict[str, Any] | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from engine.weights import embedded_model_path
+
+    llm = Llama(str(embedded_model_path()), n_ctx=2048, n_threads=threads, verbose=False)
+    res: dict[str, Any] = {}
+    text = SAMPLE.read_text() if SAMPLE.exists() else "def f(x):\n    return x\n" * 200
+    all_ids = llm.tokenize((text * 2).encode(), add_bos=True)
+    for n_tok in (128, 512, 1024):
+        times = []
+        for _ in range(repeat):
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(all_ids[:n_tok])
+            times.append(time.perf_counter() - t)
+        res[f"prefill_tok_s_{n_tok}"] = n_tok / statistics.median(times)
+    llm.reset()
+    llm.eval(all_ids[:1])
+    t = time.perf_counter()
+    for _ in range(48):
+        llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+    res["decode_tok_s"] = 48 / (time.perf_counter() - t)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-cold", action="store_true", help="skip the cold/warm load runs")
+    args = ap.parse_args()
+
+    ours = bench_ours(args.threads, args.repeat, cold=not args.no_cold)
+    theirs = bench_llama_cpp(args.threads, args.repeat)
+    print(f"BLAS: {ours['blas']}, {ours['blas_threads']} threads")
+    for key, value in ours.items():
+        if isinstance(value, float):
+            line = f"  {key:24s} {value:10.2f}"
+            if theirs and key in theirs:
+                ratio = value / theirs[key]
+                line += f"   llama.cpp {theirs[key]:10.2f}   ours/llama.cpp {ratio:.2f}"
+            print(line)
+    if theirs is None:
+        print("  (llama-cpp-python not installed: no side-by-side ratios)")
+    out = dict(ours, llama_cpp=theirs)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: `bash scripts/run.sh demo` or `bash scripts/run.sh test`.
+# Creates .venv beside the project (once), installs the project with its dev extras, then runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+export PATH="$PWD/.venv/bin:$PATH"
+
+case "${1:-}" in
+  demo)
+    shift
+    echo "== completing examples/sample.py with the embedded Gemma 3 270M (first run builds its cache)"
+    gemma-lsp generate --file examples/sample.py --max-tokens 48 "$@"
+    ;;
+  test)
+    shift
+    ruff check engine gemma_lsp tests scripts
+    mypy
+    python -m pytest -q "$@"
+    ;;
+  *)
+    echo "usage: bash scripts/run.sh demo|test [args]" >&2
+    exit 2
+    ;;
+esac

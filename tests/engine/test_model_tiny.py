@@ -1,0 +1,91 @@
+"""Forward pass on a tiny random model: against a naive reference, and two paths that agree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.kv_cache import KVCache
+from engine.model import Cancelled, forward, gelu_tanh_mul
+from tests.engine.tiny import naive_forward, tiny_config, tiny_tensors, tiny_weights
+
+
+def test_matches_naive_reference_across_the_window() -> None:
+    cfg = tiny_config()
+    ids = list(np.random.default_rng(1).integers(0, cfg.vocab_size, 3 * cfg.sliding_window + 2))
+    want = naive_forward(cfg, tiny_tensors(cfg), ids)
+    got = forward(cfg, tiny_weights(cfg), ids, KVCache(cfg, len(ids)), logits="all")
+    assert got is not None
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 9])
+def test_chunked_prefill_equals_one_shot(chunk: int) -> None:
+    cfg = tiny_config()
+    w = tiny_weights(cfg)
+    ids = list(np.random.default_rng(2).integers(0, cfg.vocab_size, 30))
+    one = forward(cfg, w, ids, KVCache(cfg, 30), logits="all")
+    kv = KVCache(cfg, 30)
+    parts = []
+    for s in range(0, len(ids), chunk):
+        out = forward(cfg, w, ids[s : s + chunk], kv, logits="all")
+        assert out is not None
+        parts.append(out)
+    np.testing.assert_allclose(np.concatenate(parts), one, atol=1e-5)
+
+
+def test_query_blocks_equal_unblocked(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.model as m
+
+    cfg = tiny_config()
+    w = tiny_weights(cfg)
+    ids = list(np.random.default_rng(3).integers(0, cfg.vocab_size, 40))
+    monkeypatch.setattr(m, "ATTN_QUERY_BLOCK", 7)
+    blocked = forward(cfg, w, ids, KVCache(cfg, 40), logits="all")
+    monkeypatch.setattr(m, "ATTN_QUERY_BLOCK", 1000)
+    whole = forward(cfg, w, ids, KVCache(cfg, 40), logits="all")
+    np.testing.assert_allclose(blocked, whole, atol=1e-5)
+
+
+def test_truncate_and_rerun_gives_same_logits() -> None:
+    cfg = tiny_config()
+    w = tiny_weights(cfg)
+    ids = list(np.random.default_rng(4).integers(0, cfg.vocab_size, 20))
+    kv = KVCache(cfg, 40)
+    first = forward(cfg, w, ids, kv, logits="all")
+    forward(cfg, w, [5, 6, 7], kv)
+    kv.truncate(12)
+    again = forward(cfg, w, ids[12:], kv, logits="all")
+    assert first is not None and again is not None
+    np.testing.assert_allclose(again, first[12:], atol=1e-5)
+
+
+def test_cancel_between_layers_keeps_cache_length() -> None:
+    cfg = tiny_config()
+    w = tiny_weights(cfg)
+    kv = KVCache(cfg, 20)
+    forward(cfg, w, [1, 2, 3], kv)
+    calls = iter([False, False, True])
+    with pytest.raises(Cancelled):
+        forward(cfg, w, [4, 5], kv, should_stop=lambda: next(calls))
+    assert kv.length == 3
+    # the cache still continues correctly after the cancelled chunk
+    out = forward(cfg, w, [4, 5], kv, logits="all")
+    ref = forward(cfg, w, [1, 2, 3, 4, 5], KVCache(cfg, 20), logits="all")
+    assert out is not None and ref is not None
+    np.testing.assert_allclose(out, ref[3:], atol=1e-5)
+
+
+def test_gelu_matches_tanh_formula() -> None:
+    x = np.linspace(-30, 30, 2001, dtype=np.float32)
+    up = np.ones_like(x)
+    want = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x.astype(np.float64) ** 3)))
+    np.testing.assert_allclose(gelu_tanh_mul(x, up), want, atol=1e-5, rtol=1e-5)
+
+
+def test_capacity_and_softcap() -> None:
+    cfg = tiny_config(final_logit_softcap=2.0)
+    with pytest.raises(ValueError, match="capacity"):
+        KVCache(cfg, cfg.context_length + 1)
+    out = forward(cfg, tiny_weights(cfg), [1, 2, 3], KVCache(cfg, 3))
+    assert out is not None and np.abs(out).max() <= 2.0
