@@ -105,8 +105,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------- GGUF reading
 
 
-def read_gguf(path: Path) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
-    """Metadata (tokenizer arrays left out) and a lazy stream of (canonical name, fp32 array)."""
+def read_gguf(path: Path) -> tuple[Any, dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
+    """The reader, metadata (tokenizer arrays left out) and a lazy stream of (name, fp32 array)."""
     from gguf import GGUFReader, quants
 
     try:
@@ -134,7 +134,7 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarra
             arr = quants.dequantize(t.data, t.tensor_type)
             yield name, np.ascontiguousarray(arr, dtype=np.float32)
 
-    return meta, tensors()
+    return reader, meta, tensors()
 
 
 def _canonical_gguf_name(name: str) -> str | None:
@@ -265,7 +265,7 @@ def check_tensors(cfg: ModelConfig, t: Mapping[str, np.ndarray], where: Path, pa
 
 def _build_ready_from_gguf(path: Path, digest: str, ready: Path) -> None:
     log.info("building engine-ready copy of %s in %s (once)", path, ready)
-    meta, stream = read_gguf(path)
+    reader, meta, stream = read_gguf(path)
     try:
         tensors = dict(stream)
     except Exception as e:
@@ -274,7 +274,7 @@ def _build_ready_from_gguf(path: Path, digest: str, ready: Path) -> None:
         raise ValueError(f"{path}: GGUF has no token_embd tensor")
     config = ModelConfig.from_gguf_metadata(meta, vocab_size=tensors["tok_embd"].shape[0])
     check_tensors(config, tensors, path, packed=False)
-    tokenizer = Tokenizer.from_gguf(path)
+    tokenizer = Tokenizer.from_gguf(path, reader)
     write_ready(ready, config, pack_tensors(config, tensors), tokenizer, path, digest)
 
 
