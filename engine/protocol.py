@@ -1,0 +1,266 @@
+"""The engine's wire protocol: message dataclasses and length-prefixed msgpack framing.
+
+This is the only `engine` module the language server imports: stdlib + msgpack, no numpy.
+A frame is a 4-byte big-endian length followed by a msgpack map with a "type" key. Every
+request carries a client-chosen integer `id`; replies echo it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 64 * 1024 * 1024  # a 20 MB document as UTF-8 plus headroom
+_LEN = struct.Struct(">I")
+
+
+class ProtocolError(ValueError):
+    """A malformed, oversized or unknown frame."""
+
+
+# Error codes carried by `Error.code`.
+E_BAD_REQUEST = "bad_request"
+E_VERSION = "version_mismatch"
+E_CANCELLED = "cancelled"
+E_SUPERSEDED = "superseded"
+E_TOO_LONG = "prompt_too_long"
+E_DEADLINE = "deadline"
+E_INTERNAL = "internal"
+E_SHUTTING_DOWN = "shutting_down"
+
+
+@dataclass
+class Message:
+    TYPE: ClassVar[str] = ""
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+@dataclass
+class Hello(Message):
+    TYPE: ClassVar[str] = "hello"
+    version: int = PROTOCOL_VERSION
+    client: str = ""
+
+
+@dataclass
+class Generate(Message):
+    """Complete `prompt` (text; the engine tokenizes and adds BOS). Streams Token, then Done."""
+
+    TYPE: ClassVar[str] = "generate"
+    id: int = 0
+    prompt: str = ""
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    priority: int = 0  # 0 = interactive completion (first); larger = later (explain, refactor)
+    doc: str = ""  # a newer request for the same non-empty doc supersedes older ones
+    deadline_ms: float = 0.0  # wall-clock budget from arrival; 0 = none
+    logprobs: int = 0  # alternatives per token to report (0 = just the token's own logprob)
+
+
+@dataclass
+class Warm(Message):
+    """Prefill `prompt` into the prompt cache at the lowest priority; replies Done."""
+
+    TYPE: ClassVar[str] = "warm"
+    id: int = 0
+    prompt: str = ""
+    doc: str = ""
+
+
+@dataclass
+class Cancel(Message):
+    TYPE: ClassVar[str] = "cancel"
+    id: int = 0  # the request to cancel
+
+
+@dataclass
+class Status(Message):
+    TYPE: ClassVar[str] = "status"
+    id: int = 0
+
+
+@dataclass
+class Shutdown(Message):
+    TYPE: ClassVar[str] = "shutdown"
+    id: int = 0
+
+
+# ----------------------------------------------------------------------------- replies
+
+
+@dataclass
+class HelloReply(Message):
+    TYPE: ClassVar[str] = "hello_reply"
+    version: int = PROTOCOL_VERSION
+    model: str = ""
+    pid: int = 0
+
+
+@dataclass
+class Token(Message):
+    TYPE: ClassVar[str] = "token"
+    id: int = 0
+    token_id: int = 0
+    text: str = ""  # newly completed text (may be "" while a character is incomplete)
+    logprob: float = 0.0
+    top: list[list[float]] = field(default_factory=list)  # [[id, logprob], ...]
+
+
+@dataclass
+class Done(Message):
+    TYPE: ClassVar[str] = "done"
+    id: int = 0
+    reason: str = ""  # stop, stop_string, length, context, warmed
+    text: str = ""
+    tail: str = ""  # text released only at the end (not in any Token)
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose K/V came from the prompt cache
+    evaluated_tokens: int = 0  # prompt tokens actually run through the model
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    first_token_ms: float = 0.0  # from arrival to the first token
+    decode_ms: float = 0.0
+    n_tokens: int = 0
+
+
+@dataclass
+class Error(Message):
+    TYPE: ClassVar[str] = "error"
+    id: int = 0
+    code: str = E_INTERNAL
+    message: str = ""
+
+
+@dataclass
+class StatusReply(Message):
+    TYPE: ClassVar[str] = "status_reply"
+    id: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+MESSAGES: dict[str, type[Message]] = {
+    m.TYPE: m
+    for m in (Hello, Generate, Warm, Cancel, Status, Shutdown, HelloReply, Token, Done, Error,
+              StatusReply)
+}
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def encode(msg: Message) -> bytes:
+    """Message -> one frame (length prefix + msgpack)."""
+    body = dataclasses.asdict(msg)
+    body["type"] = msg.TYPE
+    data = msgpack.packb(body, use_bin_type=True)
+    if len(data) > MAX_FRAME:
+        raise ProtocolError(f"{msg.TYPE} message is {len(data)} bytes; the limit is {MAX_FRAME}")
+    return _LEN.pack(len(data)) + data
+
+
+def decode(data: bytes) -> Message:
+    """msgpack body (without the length prefix) -> Message; ProtocolError if malformed."""
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:
+        raise ProtocolError(f"malformed msgpack frame: {e}") from e
+    if not isinstance(body, dict):
+        raise ProtocolError("a frame must hold a map")
+    kind = body.pop("type", None)
+    cls = MESSAGES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(body) - set(fields)
+    if unknown:
+        raise ProtocolError(f"{kind}: unknown field(s) {sorted(unknown)}")
+    try:
+        msg = cls(**body)
+    except TypeError as e:
+        raise ProtocolError(f"{kind}: {e}") from e
+    _check_types(msg)
+    return msg
+
+
+_SCALARS: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str}
+
+
+def _check_types(msg: Message) -> None:
+    for f in dataclasses.fields(msg):
+        value = getattr(msg, f.name)
+        t = str(f.type)
+        if t == "int | None":
+            ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+        elif t in ("int", "float"):
+            ok = isinstance(value, _SCALARS[t]) and not isinstance(value, bool)
+        elif t == "str":
+            ok = isinstance(value, str)
+        elif t.startswith("list"):
+            ok = isinstance(value, list)
+        elif t.startswith("dict"):
+            ok = isinstance(value, dict)
+        else:
+            ok = True
+        if not ok:
+            raise ProtocolError(f"{msg.TYPE}.{f.name}: bad value {value!r} (want {t})")
+    if isinstance(msg, Generate | Warm) and not all(isinstance(s, str) for s in
+                                                    getattr(msg, "stop", [])):
+        raise ProtocolError(f"{msg.TYPE}.stop: every stop must be a string")
+
+
+def read_frame(sock: socket.socket) -> Message | None:
+    """Read one message; None on a clean close; ProtocolError on a bad or truncated frame."""
+    head = _recv_exact(sock, 4)
+    if head is None:
+        return None
+    (n,) = _LEN.unpack(head)
+    if n > MAX_FRAME:
+        raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+    body = _recv_exact(sock, n)
+    if body is None:
+        raise ProtocolError(f"connection closed inside a {n}-byte frame")
+    return decode(body)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            if buf:
+                raise ProtocolError(f"connection closed after {len(buf)} of {n} bytes")
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+# ----------------------------------------------------------------------------- locations
+
+
+def runtime_dir() -> Path:
+    """Where the socket and lock live: `$GEMMA_LSP_RUNTIME_DIR`, else XDG runtime dir, else /tmp."""
+    env = os.environ.get("GEMMA_LSP_RUNTIME_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "gemma-lsp"
+    return Path(f"/tmp/gemma-lsp-{os.getuid()}")
+
+
+def socket_path() -> Path:
+    return runtime_dir() / "engine.sock"

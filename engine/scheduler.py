@@ -1,0 +1,362 @@
+"""One compute thread for every client: priorities, supersede, preempt, cancel, prompt cache.
+
+Each request becomes a Job whose work runs as a generator on the compute thread, one unit
+(a prefill chunk or a decode step) per `next()`. After every unit the most urgent job runs
+next, so a keystroke's completion overtakes a long explanation between decode steps, and a
+background prefill is abandoned between layers (and later resumed from its last finished
+chunk) when interactive work arrives. Finished chunks go into the prompt cache at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from engine import protocol as P
+from engine.generate import GenerateOptions, TokenStream, check_prompt_length, decode_one
+from engine.kv_cache import KVCache
+from engine.model import Cancelled, forward
+from engine.prompt_cache import Match, PromptCache
+from engine.runtime import Model
+from engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+INTERACTIVE = 0  # priority of completions
+WARM_PRIORITY = 1000  # warming runs after everything else
+KV_ROUND = 1024  # working K/V capacity is rounded up to this (pages are touched lazily)
+
+
+class Client(Protocol):
+    """What the scheduler needs from a connection."""
+
+    def send(self, msg: P.Message) -> None: ...
+
+
+@dataclass(eq=False)
+class Job:
+    client: Client
+    req_id: int
+    kind: str  # "generate" or "warm"
+    ids: np.ndarray  # (n,) prompt token ids, BOS first
+    priority: int
+    doc: str
+    opts: GenerateOptions | None  # None for warm
+    arrival: float
+    deadline: float | None
+    seq: int
+    started: bool = False
+    cancel_code: str = ""  # set once: E_CANCELLED, E_SUPERSEDED, E_SHUTTING_DOWN
+    runner: Iterator[None] | None = None
+    match: Match | None = None
+    kv: KVCache | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self.cancel_code)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model: Model,
+        cache: PromptCache,
+        *,
+        interactive_chunk: int = 512,
+        background_chunk: int = 128,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.interactive_chunk = interactive_chunk
+        self.background_chunk = background_chunk
+        self._cv = threading.Condition()
+        self._jobs: list[Job] = []  # queued and started, not finished
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._hot: KVCache | None = None  # the last job's K/V: reused without a copy if it fits
+        self._prefill_tok_s = 0.0
+        self._decode_tok_s = 0.0
+        self._served = 0
+        self._evaluated = 0
+        self._reused = 0
+
+    # ------------------------------------------------------------------ client side
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="compute", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            for job in self._jobs:
+                job.cancel_code = job.cancel_code or P.E_SHUTTING_DOWN
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, client: Client, msg: P.Generate | P.Warm) -> None:
+        """Validate and queue a request; problems go back to the client as Error replies."""
+        try:
+            job = self._make_job(client, msg)
+        except ValueError as e:
+            code = P.E_TOO_LONG if "context" in str(e) else P.E_BAD_REQUEST
+            _send(client, P.Error(msg.id, code, str(e)))
+            return
+        superseded: list[Job] = []
+        with self._cv:
+            if self._stopping:
+                _send(client, P.Error(msg.id, P.E_SHUTTING_DOWN, "the engine is shutting down"))
+                return
+            if job.doc and job.kind == "generate":
+                for old in self._jobs:
+                    if (old.client is client and old.doc == job.doc and old.kind == "generate"
+                            and not old.cancelled):
+                        old.cancel_code = P.E_SUPERSEDED
+                        superseded.append(old)
+            self._jobs.append(job)
+            self._cv.notify_all()
+        for old in superseded:
+            self._drop_if_unstarted(old)
+
+    def cancel(self, client: Client, req_id: int) -> bool:
+        with self._cv:
+            jobs = [j for j in self._jobs if j.client is client and j.req_id == req_id]
+            for job in jobs:
+                job.cancel_code = job.cancel_code or P.E_CANCELLED
+        for job in jobs:
+            self._drop_if_unstarted(job)
+        return bool(jobs)
+
+    def cancel_client(self, client: Client) -> None:
+        with self._cv:
+            for job in self._jobs:
+                if job.client is client:
+                    job.cancel_code = job.cancel_code or P.E_CANCELLED
+            self._jobs = [j for j in self._jobs if j.client is not client or j.started]
+
+    def busy(self) -> bool:
+        with self._cv:
+            return bool(self._jobs)
+
+    def status(self) -> dict[str, Any]:
+        with self._cv:
+            queue = [
+                {"id": j.req_id, "kind": j.kind, "priority": j.priority, "started": j.started}
+                for j in self._jobs
+            ]
+        files = self.model.files
+        return {
+            "model": self.model.name,
+            "model_path": str(files.source),
+            "model_sha256": files.source_sha256,
+            "cache": self.cache.stats(),
+            "prefill_tok_s": round(self._prefill_tok_s, 1),
+            "decode_tok_s": round(self._decode_tok_s, 1),
+            "requests_served": self._served,
+            "tokens_evaluated": self._evaluated,
+            "tokens_reused": self._reused,
+            "queue": queue,
+        }
+
+    def _make_job(self, client: Client, msg: P.Generate | P.Warm) -> Job:
+        cfg = self.model.config
+        ids = np.asarray(self.model.tokenizer.encode(msg.prompt, add_bos=True), dtype=np.int64)
+        check_prompt_length(len(ids), cfg.context_length)
+        now = time.monotonic()
+        if isinstance(msg, P.Warm):
+            return Job(client, msg.id, "warm", ids, WARM_PRIORITY, msg.doc, None, now, None,
+                       next(self._seq))
+        if msg.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {msg.max_tokens}")
+        if msg.priority < 0:
+            raise ValueError(f"priority must be >= 0, got {msg.priority}")
+        if msg.logprobs < 0 or msg.logprobs > 20:
+            raise ValueError(f"logprobs must be in 0..20, got {msg.logprobs}")
+        opts = GenerateOptions(
+            max_tokens=msg.max_tokens,
+            sampling=SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed),
+            stop_strings=tuple(msg.stop),
+            top_logprobs=msg.logprobs,
+        )
+        deadline = now + msg.deadline_ms / 1000 if msg.deadline_ms > 0 else None
+        return Job(client, msg.id, "generate", ids, msg.priority, msg.doc, opts, now, deadline,
+                   next(self._seq))
+
+    def _drop_if_unstarted(self, job: Job) -> None:
+        """A queued job that never ran is answered at once; a running one by the compute thread."""
+        with self._cv:
+            if job.started or job not in self._jobs:
+                return
+            self._jobs.remove(job)
+        _send(job.client, P.Error(job.req_id, job.cancel_code, _cancel_message(job)))
+
+    # ------------------------------------------------------------------ compute thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._jobs:
+                    return
+                job = min(self._jobs, key=lambda j: (j.priority, j.seq))
+                job.started = True
+            try:
+                if job.cancelled:
+                    raise Cancelled()
+                if job.runner is None:
+                    job.runner = self._run(job)
+                next(job.runner)
+                continue
+            except StopIteration:
+                pass
+            except Cancelled:
+                _send(job.client, P.Error(job.req_id, job.cancel_code or P.E_CANCELLED,
+                                          _cancel_message(job)))
+            except Exception as e:  # a bug must not take the engine down
+                log.exception("request %s failed", job.req_id)
+                _send(job.client, P.Error(job.req_id, P.E_INTERNAL, f"{type(e).__name__}: {e}"))
+            self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        if job.match is not None:
+            self.cache.release(job.match)
+            job.match = None
+        if job.kv is not None:
+            self._hot = job.kv  # keep the freshest K/V for the next keystroke
+            job.kv = None
+        with self._cv:
+            if job in self._jobs:
+                self._jobs.remove(job)
+
+    def _should_yield(self, job: Job) -> bool:
+        """Between layers: stop if cancelled, or if more urgent work waits (background only)."""
+        if job.cancelled:
+            return True
+        if job.priority == INTERACTIVE:
+            return False
+        return any(j.priority < job.priority and not j.cancelled for j in list(self._jobs))
+
+    def _start_kv(self, job: Job, keep: int, need: int) -> KVCache:
+        """A working K/V holding as much of the prompt's prefix as the caches have."""
+        cfg = self.model.config
+        job.match = self.cache.lookup(job.ids)
+        self.cache.hold(job.match)
+        kv = self._hot
+        if kv is not None and kv.capacity >= need:
+            # the last job's buffer: already paged in, and often most of this prompt
+            self._hot = None
+            kv.truncate(min(kv.common_prefix(job.ids), keep))
+        else:
+            kv = KVCache(cfg, min(cfg.context_length, -(-need // KV_ROUND) * KV_ROUND))
+        self.cache.copy_into(job.match, kv, keep)  # only what the buffer lacks
+        return kv
+
+    def _run(self, job: Job) -> Iterator[None]:
+        """The job's work, one unit per `next()`: prefill chunks, then decode steps."""
+        model, cfg = self.model, self.model.config
+        n = len(job.ids)
+        t_start = time.monotonic()
+        max_new = 0 if job.opts is None else min(job.opts.max_tokens, cfg.context_length - n)
+        keep = n if job.opts is None else n - 1  # a completion must run >= 1 token for logits
+        kv = job.kv = self._start_kv(job, keep, n + max(max_new, 1))
+        reused = kv.length
+        self._reused += reused
+
+        # prefill what the caches lacked, chunk by chunk; each finished chunk is cached
+        chunk = self.interactive_chunk if job.priority == INTERACTIVE else self.background_chunk
+        logits: np.ndarray | None = None
+        prefill_s = 0.0
+        while kv.length < n:
+            part = job.ids[kv.length : kv.length + chunk]
+            last = kv.length + len(part) >= n
+            t0 = time.perf_counter()
+            try:
+                logits = forward(cfg, model.weights, part, kv, logits="last" if last else "none",
+                                 should_stop=lambda: self._should_yield(job))
+            except Cancelled:
+                if job.cancelled:
+                    raise
+                yield  # preempted by more urgent work: redo this chunk later
+                continue
+            prefill_s += time.perf_counter() - t0
+            self._evaluated += len(part)
+            self.cache.insert(kv)
+            if not last:
+                yield
+        evaluated = n - reused
+        if evaluated >= 32 and prefill_s > 0:
+            self._prefill_tok_s = _ema(self._prefill_tok_s, evaluated / prefill_s)
+
+        if job.opts is None:  # warm: the prompt is cached, nothing to generate
+            self._served += 1
+            _send(job.client, P.Done(job.req_id, "warmed", prompt_tokens=n, reused_tokens=reused,
+                                     evaluated_tokens=evaluated, prefill_ms=prefill_s * 1000,
+                                     queue_ms=(t_start - job.arrival) * 1000))
+            return
+
+        # decode, one token per unit; the first token comes out of the prefill's logits
+        assert logits is not None
+        stream = TokenStream(model, job.opts, max_new)
+        first_token_ms = 0.0
+        t_dec = time.perf_counter()
+        while True:
+            if job.deadline is not None and time.monotonic() > job.deadline and stream.ids:
+                stream.reason = "deadline"
+                break
+            step = stream.step(logits)
+            if step is None:
+                break
+            if not first_token_ms:
+                first_token_ms = (time.monotonic() - job.arrival) * 1000
+            if not _send(job.client, P.Token(job.req_id, step.token_id, step.text, step.logprob,
+                                             [[float(i), lp] for i, lp in step.top])):
+                job.cancel_code = P.E_CANCELLED  # the client is gone
+                raise Cancelled()
+            if stream.done:
+                break
+            yield
+            if job.cancelled:
+                raise Cancelled()
+            logits = decode_one(model, kv, step.token_id)
+        decode_s = time.perf_counter() - t_dec
+        if len(stream.ids) > 4:
+            self._decode_tok_s = _ema(self._decode_tok_s, (len(stream.ids) - 1) / decode_s)
+        tail = stream.finish()
+        self.cache.insert(kv)  # the generated text is likely the next prompt's prefix
+        self._served += 1
+        _send(job.client, P.Done(
+            job.req_id, stream.reason, "".join(stream.text), tail,
+            prompt_tokens=n, reused_tokens=reused, evaluated_tokens=evaluated,
+            queue_ms=(t_start - job.arrival) * 1000, prefill_ms=prefill_s * 1000,
+            first_token_ms=first_token_ms, decode_ms=decode_s * 1000, n_tokens=len(stream.ids),
+        ))
+
+
+def _send(client: Client, msg: P.Message) -> bool:
+    try:
+        client.send(msg)
+        return True
+    except OSError:
+        return False
+
+
+def _ema(old: float, new: float, alpha: float = 0.3) -> float:
+    return new if old == 0 else (1 - alpha) * old + alpha * new
+
+
+def _cancel_message(job: Job) -> str:
+    return {
+        P.E_SUPERSEDED: f"request {job.req_id} was superseded by a newer one for {job.doc}",
+        P.E_SHUTTING_DOWN: "the engine is shutting down",
+    }.get(job.cancel_code, f"request {job.req_id} was cancelled")

@@ -1,0 +1,122 @@
+"""The radix-tree prompt cache on a tiny model: reuse is exact, budgets evict, files persist."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.kv_cache import KVCache
+from engine.model import forward
+from engine.prompt_cache import PromptCache
+from tests.engine.tiny import tiny_config, tiny_weights
+
+CFG = tiny_config(context_length=512)
+W = tiny_weights(CFG)
+
+
+def new_cache(budget: int = 1 << 30) -> PromptCache:
+    return PromptCache(CFG.n_layers, CFG.n_kv_heads, CFG.head_dim, budget)
+
+
+def run_cached(cache: PromptCache, ids: list[int]) -> tuple[np.ndarray, int]:
+    """Logits after `ids` reusing the cache, then cache the prompt; returns (logits, reused)."""
+    arr = np.asarray(ids, dtype=np.int64)
+    kv = KVCache(CFG, len(ids))
+    m = cache.lookup(arr)
+    reused = cache.copy_into(m, kv, len(ids) - 1)
+    out = forward(CFG, W, ids[reused:], kv)
+    cache.insert(kv)
+    assert out is not None
+    return out, reused
+
+
+def run_plain(ids: list[int]) -> np.ndarray:
+    out = forward(CFG, W, ids, KVCache(CFG, len(ids)))
+    assert out is not None
+    return out
+
+
+edits = st.lists(
+    st.tuples(st.integers(0, 60), st.integers(0, 6), st.lists(st.integers(4, 96), max_size=6)),
+    min_size=1, max_size=12,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(edits)
+def test_random_edits_cached_equals_uncached(seq: list[tuple[int, int, list[int]]]) -> None:
+    cache = new_cache()
+    doc = list(range(10, 50))
+    for at, delete, insert in seq:
+        at = min(at, len(doc))
+        doc = doc[:at] + insert + doc[at + delete :]
+        cursor = min(len(doc), at + len(insert))
+        prompt = [2] + doc[:cursor]
+        got, _ = run_cached(cache, prompt)
+        np.testing.assert_allclose(got, run_plain(prompt), atol=1e-4)
+        assert int(np.argmax(got)) == int(np.argmax(run_plain(prompt)))
+
+
+def test_reuse_after_mid_document_edit_and_jump_back() -> None:
+    cache = new_cache()
+    doc = [2] + list(range(4, 90))
+    run_cached(cache, doc)
+    edited = doc[:40] + [7, 7] + doc[40:]
+    _, reused = run_cached(cache, edited[:42])  # cursor right after the edit
+    assert reused == 40
+    _, reused = run_cached(cache, doc)  # jump back to the end of the original text
+    assert reused == len(doc) - 1
+    assert cache.n_nodes == 3  # shared prefix, the old tail, the edit
+
+
+def test_budget_evicts_least_recently_used_unheld_leaves() -> None:
+    cache = new_cache()
+    a, b = [2] + [5] * 30, [2] + [6] * 30
+    run_cached(cache, a)
+    run_cached(cache, b)
+    per_token = 2 * CFG.n_layers * CFG.n_kv_heads * CFG.head_dim * 4
+    held = cache.lookup(np.asarray(a))
+    cache.hold(held)
+    cache.evict(budget=per_token * 40)  # room for one sequence: b is newer, but a is held
+    assert cache.match(np.asarray(a)).length == len(a)
+    assert cache.match(np.asarray(b)).length <= 1
+    cache.release(held)
+    cache.evict(budget=0)
+    assert cache.nbytes == 0 and cache.n_nodes == 0
+
+
+def test_save_load_roundtrip_and_fingerprint(tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    cache = new_cache()
+    doc = [2] + list(range(4, 70))
+    run_cached(cache, doc)
+    run_cached(cache, doc[:30] + [9, 9, 9])
+    path = tmp_path / "pc.safetensors"
+    cache.save(path, "fp-1")
+    other = new_cache()
+    assert other.load(path, "fp-1")
+    assert other.n_tokens == cache.n_tokens and other.nbytes == cache.nbytes
+    got, reused = run_cached(other, doc)
+    assert reused == len(doc) - 1
+    np.testing.assert_allclose(got, run_plain(doc), atol=1e-5)
+    with caplog.at_level(logging.WARNING):
+        assert not new_cache().load(path, "fp-2")
+    assert "another model" in caplog.text
+
+
+def test_corrupt_cache_file_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = new_cache()
+    run_cached(cache, [2] + list(range(4, 40)))
+    path = tmp_path / "pc.safetensors"
+    cache.save(path, "fp")
+    path.write_bytes(path.read_bytes()[:100])
+    fresh = new_cache()
+    with caplog.at_level(logging.WARNING):
+        assert not fresh.load(path, "fp")
+    assert "corrupt" in caplog.text and fresh.n_nodes == 0
+    assert not fresh.load(tmp_path / "missing.safetensors", "fp")
