@@ -1,0 +1,227 @@
+"""Quality rules for completions, as pure functions over text.
+
+The same rules run while tokens stream in (`should_stop_early`, so decoding stops as soon as
+one fires) and on the final text (`trim_completion`):
+
+- repetition: the completion starts repeating the text after the cursor (the first non-empty
+  lines below the cursor, or the whole rest of the cursor line);
+- scope: a line less indented than the block at the cursor (indentation-based languages), or
+  more closing than opening braces (brace languages: the line that closes the block is kept);
+- length: at most ``max_lines`` lines.
+
+The completion's first line continues the cursor line (``ctx.line_prefix``); the model's line
+breaks are ``\\n``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gemma_lsp.context import CompletionContext, indent_width
+
+__all__ = [
+    "BRACE_LANGUAGES",
+    "INDENT_LANGUAGES",
+    "dedupe",
+    "finalize",
+    "is_useful",
+    "should_stop_early",
+    "trim_completion",
+    "typed_ahead",
+]
+
+INDENT_LANGUAGES = frozenset(
+    "python yaml nim coffeescript fsharp haskell elm pug jade sass stylus purescript "
+    "gdscript starlark bazel".split()
+)
+BRACE_LANGUAGES = frozenset(
+    "c cpp java javascript typescript javascriptreact typescriptreact go rust csharp kotlin "
+    "swift scala dart php groovy zig objective-c objective-cpp json jsonc json5 css scss less "
+    "proto solidity glsl hlsl d odin v gleam perl awk".split()
+)
+_TRIVIAL = frozenset(")]}>;,.:'\"` \t\r\n")
+_BLOCK_OPENERS = (":",)  # a line ending like this opens a nested block (indent languages)
+
+
+def _suffix_anchors(ctx: CompletionContext) -> tuple[str | None, str | None]:
+    """The first two non-empty lines after the cursor line (right-stripped)."""
+    found = [line.rstrip() for line in ctx.suffix.splitlines()[1:] if line.strip()][:2]
+    return (
+        found[0] if found else None,
+        found[1] if len(found) > 1 else None,
+    )
+
+
+def _bracket_net(text: str) -> int:
+    """Opening minus closing brackets (all kinds)."""
+    return sum(text.count(c) for c in "([{") - sum(text.count(c) for c in ")]}")
+
+
+def _may_drop(kept: str, dropped: str) -> bool:
+    """Dropping ``dropped`` (text the rest of the line already has) is right unless its closing
+    brackets close something opened in ``kept`` (then they belong to the completion)."""
+    return not any(c in ")]}" for c in dropped) or _bracket_net(kept) <= 0
+
+
+def _brace_delta(line: str, lang: str) -> int:
+    """``{`` minus ``}`` on one line, skipping simple string literals and ``//`` comments."""
+    quotes = '"`' if lang == "rust" else "\"'`"
+    depth = 0
+    quote: str | None = None
+    i = 0
+    n = len(line)
+    while i < n:
+        c = line[i]
+        if quote is not None:
+            if c == "\\":
+                i += 2
+                continue
+            if c == quote:
+                quote = None
+        elif c in quotes:
+            quote = c
+        elif c == "/" and line.startswith("//", i):
+            break
+        elif c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+        i += 1
+    return depth
+
+
+def _find_cut(text: str, ctx: CompletionContext, max_lines: int, final: bool) -> int | None:
+    """Where a rule cuts ``text`` (keep ``text[:cut]``), or None. Unless ``final``, the last
+    line is treated as incomplete."""
+    lines = text.split("\n")
+    starts = [0]
+    for line in lines[:-1]:
+        starts.append(starts[-1] + len(line) + 1)
+    complete = len(lines) if final else len(lines) - 1
+    lang = ctx.language_id.lower()
+    cuts: list[int] = []
+
+    if max_lines > 0 and len(lines) > max_lines:
+        cuts.append(starts[max_lines] - 1)
+
+    # repetition of the lines below the cursor
+    s0, s1 = _suffix_anchors(ctx)
+    if s0 is not None:
+        cursor_line_blank = not ctx.line_prefix.strip() and not ctx.line_suffix.strip()
+        for i in range(complete):
+            if i == 0 and not cursor_line_blank:
+                continue
+            full = ctx.line_prefix + lines[0] if i == 0 else lines[i]
+            if not full.strip() or full.rstrip() != s0:
+                continue
+            if len(s0.strip()) < 4 and s1 is not None:  # short line like "}": confirm
+                following = [x for x in lines[i + 1 : complete] if x.strip()]
+                if following:
+                    if following[0].rstrip() != s1:
+                        continue
+                elif not final:
+                    break  # wait for the next line
+            cuts.append(starts[i] - 1 if i > 0 else 0)
+            break
+
+    # repetition of the rest of the cursor line at the end of a line (multi-line completions)
+    rest = ctx.line_suffix.rstrip()
+    if rest.strip():
+        for i in range(complete):
+            if lines[i].rstrip().endswith(rest):
+                end = starts[i] + len(lines[i].rstrip()) - len(rest)
+                if _may_drop(text[:end], rest):
+                    cuts.append(end)
+                    break
+
+    # leaving the block: indentation
+    if lang in INDENT_LANGUAGES and len(lines) > 1:
+        current = ctx.line_prefix + lines[0]
+        base = current if not ctx.line_prefix.strip() else ctx.line_prefix
+        block = indent_width(base)
+        if current.rstrip().endswith(_BLOCK_OPENERS):
+            block += 1
+        for i in range(1, len(lines)):
+            line = lines[i]
+            if not line.strip():
+                continue
+            if indent_width(line) < block:
+                cuts.append(starts[i] - 1)
+                break
+
+    # leaving the block: braces
+    if lang in BRACE_LANGUAGES:
+        depth = 0
+        for i in range(complete):
+            depth += _brace_delta(lines[i], lang)
+            if depth < 0:
+                cuts.append(starts[i] + len(lines[i]))
+                break
+
+    return min(cuts) if cuts else None
+
+
+def should_stop_early(text_so_far: str, ctx: CompletionContext, max_lines: int) -> bool:
+    """True as soon as a rule fires on the streamed text (decoding can stop)."""
+    cut = _find_cut(text_so_far, ctx, max_lines, final=False)
+    return cut is not None and cut < len(text_so_far)
+
+
+def _drop_overlap(text: str, rest: str) -> str:
+    """Drop the longest end of ``text`` that equals the start of ``rest`` (see `_may_drop`)."""
+    for k in range(min(len(rest), len(text)), 0, -1):
+        if text.endswith(rest[:k]) and _may_drop(text[:-k], rest[:k]):
+            return text[:-k]
+    return text
+
+
+def trim_completion(text: str, ctx: CompletionContext, max_lines: int) -> str:
+    """The completion cut by the rules, without an overlap with the rest of the cursor line and
+    without trailing whitespace; "" when nothing but whitespace is left."""
+    text = text.replace("\r\n", "\n")
+    cut = _find_cut(text, ctx, max_lines, final=True)
+    if cut is not None:
+        text = text[:cut]
+    if ctx.line_suffix.strip():
+        text = _drop_overlap(text, ctx.line_suffix)
+    text = text.rstrip()
+    return text if text.strip() else ""
+
+
+def dedupe(candidates: Iterable[str]) -> list[str]:
+    """Non-empty candidates in order, without repeats (compared without trailing whitespace)."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for c in candidates:
+        key = c.rstrip()
+        if not key.strip() or key in seen:
+            continue
+        seen.add(key)
+        out.append(c)
+    return out
+
+
+def is_useful(text: str) -> bool:
+    """False for whitespace and for text made only of closing brackets / punctuation."""
+    s = text.strip()
+    return bool(s) and not all(c in _TRIVIAL for c in s)
+
+
+def finalize(candidates: Iterable[str], ctx: CompletionContext, max_lines: int) -> list[str]:
+    """Trim every candidate, then drop useless ones and repeats."""
+    return [
+        c for c in dedupe(trim_completion(c, ctx, max_lines) for c in candidates) if is_useful(c)
+    ]
+
+
+def typed_ahead(previous_suggestion_text: str, previous_prefix: str, new_prefix: str) -> str | None:
+    """The rest of a suggestion when the user typed its first characters since it was made
+    (``new_prefix == previous_prefix + typed`` and the suggestion starts with ``typed``);
+    None when the typing does not match or nothing would remain."""
+    if not new_prefix.startswith(previous_prefix):
+        return None
+    typed = new_prefix[len(previous_prefix) :]
+    if not previous_suggestion_text.startswith(typed):
+        return None
+    rest = previous_suggestion_text[len(typed) :]
+    return rest if rest.strip() else None

@@ -1,0 +1,462 @@
+"""Context -> prompt text per model family: FIM templates and instruction (chat / few-shot)
+prompts. Templates are data; the user can override them.
+
+Cache rule: the stable text comes first (extras, file context) and the volatile text last (the
+cursor, the selection, the instruction). For the prefix-only template the prompt is exactly
+``extras block + prefix``, so a prompt for a cursor is a prefix of the prompt for the same
+document with the cursor further on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from gemma_lsp.context import CompletionContext, Snippet, render_extras_block
+
+__all__ = [
+    "DEFAULT_FIM_TEMPLATE",
+    "FIM_TEMPLATES",
+    "FimTemplate",
+    "InstructionTemplates",
+    "completion_prompt",
+    "custom_fim_template",
+    "docstring_prompt",
+    "explain_prompt",
+    "extract_code_block",
+    "fix_prompt",
+    "is_valid_fim_override",
+    "refactor_prompt",
+    "render_template",
+    "template_for_model",
+]
+
+_PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+
+
+def render_template(template: str, values: Mapping[str, str]) -> str:
+    """Substitute ``{name}`` placeholders in one pass; unknown names and other braces stay as
+    they are (so code with braces in a value or in the template is safe)."""
+
+    def sub(m: re.Match[str]) -> str:
+        return values.get(m.group(1), m.group(0))
+
+    return _PLACEHOLDER.sub(sub, template)
+
+
+# --- fill-in-the-middle -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FimTemplate:
+    """How one model family wants a completion prompt.
+
+    ``template`` holds ``{prefix}`` and ``{suffix}`` (absent ``{suffix}`` = prefix-only).
+    Extras are written as ``{file_separator}{path}\\n{text}\\n`` blocks followed by a separator
+    line for the current file when the family has a file separator token, else as comments in
+    the document's language; either way they come before the template (for suffix-first
+    templates they go right before the prefix).
+    """
+
+    name: str
+    template: str
+    stop: tuple[str, ...] = ()
+    file_separator: str | None = None
+    repo_name: str | None = None  # token that starts a repository-level prompt
+    match: tuple[tuple[str, ...], ...] = ()  # model-name substrings (all of one tuple must match)
+    suffix_first: bool = False
+
+    @property
+    def is_fim(self) -> bool:
+        return "{suffix}" in self.template
+
+    def extras_text(self, ctx: CompletionContext, repo: str | None = None) -> str:
+        if self.file_separator is None:
+            return render_extras_block(ctx.extras, ctx.language_id)
+        out = []
+        if repo and self.repo_name:
+            out.append(f"{self.repo_name}{repo}\n")
+        for s in ctx.extras:
+            out.append(_file_block(self.file_separator, s))
+        if ctx.extras or (repo and self.repo_name):
+            out.append(f"{self.file_separator}{ctx.path or 'untitled'}\n")
+        return "".join(out)
+
+    def render(self, ctx: CompletionContext, repo: str | None = None) -> str:
+        extras = self.extras_text(ctx, repo)
+        if self.suffix_first:
+            return render_template(
+                self.template, {"prefix": extras + ctx.prefix, "suffix": ctx.suffix}
+            )
+        return extras + render_template(self.template, {"prefix": ctx.prefix, "suffix": ctx.suffix})
+
+
+def _file_block(sep: str, s: Snippet) -> str:
+    text = s.text if s.text.endswith("\n") else s.text + "\n"
+    return f"{sep}{s.path}\n{text}"
+
+
+FIM_TEMPLATES: dict[str, FimTemplate] = {
+    t.name: t
+    for t in (
+        FimTemplate(
+            name="codegemma",
+            template="<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>",
+            stop=(
+                "<|file_separator|>",
+                "<|fim_prefix|>",
+                "<|fim_suffix|>",
+                "<|fim_middle|>",
+                "<eos>",
+                "<end_of_turn>",
+            ),
+            file_separator="<|file_separator|>",
+            match=(("codegemma",),),
+        ),
+        FimTemplate(
+            name="qwen2.5-coder",
+            template="<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>",
+            stop=(
+                "<|endoftext|>",
+                "<|file_sep|>",
+                "<|fim_prefix|>",
+                "<|fim_suffix|>",
+                "<|fim_middle|>",
+                "<|fim_pad|>",
+                "<|repo_name|>",
+                "<|im_start|>",
+                "<|im_end|>",
+            ),
+            file_separator="<|file_sep|>",
+            repo_name="<|repo_name|>",
+            match=(("qwen", "coder"),),
+        ),
+        FimTemplate(
+            name="starcoder2",
+            template="<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>",
+            stop=(
+                "<|endoftext|>",
+                "<file_sep>",
+                "<fim_prefix>",
+                "<fim_suffix>",
+                "<fim_middle>",
+                "<repo_name>",
+            ),
+            file_separator="<file_sep>",
+            repo_name="<repo_name>",
+            match=(("starcoder",),),
+        ),
+        FimTemplate(
+            name="deepseek-coder",
+            template="<｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>",
+            stop=(
+                "<｜end▁of▁sentence｜>",
+                "<｜fim▁begin｜>",
+                "<｜fim▁hole｜>",
+                "<｜fim▁end｜>",
+                "<|EOT|>",
+            ),
+            match=(("deepseek", "coder"),),
+        ),
+        FimTemplate(
+            name="codestral",
+            template="[SUFFIX]{suffix}[PREFIX]{prefix}",
+            stop=("[PREFIX]", "[SUFFIX]", "[MIDDLE]", "</s>"),
+            match=(("codestral",),),
+            suffix_first=True,
+        ),
+        FimTemplate(
+            name="prefix-only",
+            template="{prefix}",
+            stop=("<eos>", "<end_of_turn>", "<start_of_turn>"),
+            match=(("gemma",),),
+        ),
+    )
+}
+DEFAULT_FIM_TEMPLATE = "prefix-only"
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.\s]", "", name.lower())
+
+
+def custom_fim_template(text: str) -> FimTemplate:
+    """A template from a user format string holding ``{prefix}`` (and usually ``{suffix}``)."""
+    suffix_first = "{suffix}" in text and text.index("{suffix}") < text.index("{prefix}")
+    return FimTemplate(name="custom", template=text, suffix_first=suffix_first)
+
+
+def is_valid_fim_override(value: str) -> bool:
+    return value in FIM_TEMPLATES or "{prefix}" in value
+
+
+def template_for_model(model_name: str, override: str | None = None) -> FimTemplate:
+    """The template for a model: ``override`` (a name in `FIM_TEMPLATES` or a custom format
+    string with ``{prefix}``) wins; otherwise by model-name substrings; default prefix-only
+    (Gemma 3 and the shipped 270M base model have no FIM training)."""
+    if override:
+        if override in FIM_TEMPLATES:
+            return FIM_TEMPLATES[override]
+        if "{prefix}" in override:
+            return custom_fim_template(override)
+    name = _normalized(model_name or "")
+    for template in FIM_TEMPLATES.values():  # dict order: codegemma is checked before gemma
+        for words in template.match:
+            if all(_normalized(w) in name for w in words):
+                return template
+    return FIM_TEMPLATES[DEFAULT_FIM_TEMPLATE]
+
+
+def completion_prompt(
+    ctx: CompletionContext, template: FimTemplate, repo: str | None = None
+) -> tuple[str, list[str]]:
+    """``(prompt, stop strings)`` for an inline completion."""
+    return template.render(ctx, repo), list(template.stop)
+
+
+# --- instruction prompts ----------------------------------------------------------------------
+
+_CHAT = "<start_of_turn>user\n{system}\n\n{text}<end_of_turn>\n<start_of_turn>model\n"
+_CHAT_STOP = ["<end_of_turn>", "<start_of_turn>", "<eos>"]
+
+_FEWSHOT_EXPLAIN = """### Code
+```python
+def area(r):
+    return 3.14159 * r * r
+```
+### Explanation
+Returns the area of a circle of radius `r`, using 3.14159 as an approximation of pi.
+
+### Code
+```{language}
+{selection}
+```
+### Explanation
+"""
+
+_FEWSHOT_REFACTOR = """### Code
+```python
+def total(xs):
+    t = 0
+    for i in range(len(xs)):
+        t = t + xs[i]
+    return t
+```
+### Instruction
+Make it simpler.
+### Refactored code
+```python
+def total(xs):
+    return sum(xs)
+```
+
+### Code
+```{language}
+{selection}
+```
+### Instruction
+{instruction}
+### Refactored code
+```{language}
+"""
+
+_FEWSHOT_DOCSTRING = '''### Code
+```python
+def clamp(x, lo, hi):
+    return max(lo, min(x, hi))
+```
+### Code with documentation
+```python
+def clamp(x, lo, hi):
+    """Return x limited to the range [lo, hi]."""
+    return max(lo, min(x, hi))
+```
+
+### Code
+```{language}
+{selection}
+```
+### Code with documentation
+```{language}
+'''
+
+_FEWSHOT_FIX = """### Code
+```python
+def mean(xs):
+    return sum(xs) / len(x)
+```
+### Problems
+- undefined name 'x'
+### Fixed code
+```python
+def mean(xs):
+    return sum(xs) / len(xs)
+```
+
+### Code
+```{language}
+{selection}
+```
+### Problems
+{diagnostics}
+### Fixed code
+```{language}
+"""
+
+
+@dataclass(frozen=True)
+class InstructionTemplates:
+    """Instruction prompts as data. Placeholders: ``{language}``, ``{path}``, ``{context}``,
+    ``{selection}``, ``{instruction}``, ``{diagnostics}``, and ``{system}`` / ``{text}`` in
+    ``chat``. Every field can be overridden by name (`with_overrides`)."""
+
+    system: str = "You are a concise, careful programming assistant working inside a code editor."
+    chat: str = _CHAT
+    # chat form: the file first, then the request (shared file text -> shared cache)
+    chat_context: str = "File `{path}`:\n```{language}\n{context}\n```\n\n"
+    explain: str = (
+        "Explain what this {language} code does, briefly and precisely:\n"
+        "```{language}\n{selection}\n```"
+    )
+    refactor: str = (
+        "Rewrite this {language} code: {instruction}\n"
+        "Reply with only the new code in one fenced code block.\n"
+        "```{language}\n{selection}\n```"
+    )
+    docstring: str = (
+        "Add a documentation comment (docstring) to this {language} code, in the language's "
+        "usual style, without changing the code. Reply with only the documented code in one "
+        "fenced code block.\n```{language}\n{selection}\n```"
+    )
+    fix: str = (
+        "Fix these problems in this {language} code:\n{diagnostics}\n"
+        "Reply with only the fixed code in one fenced code block.\n"
+        "```{language}\n{selection}\n```"
+    )
+    # few-shot form for base models: file context (raw), a blank line, then the examples
+    fewshot_context: str = "{context}\n\n"
+    explain_fewshot: str = _FEWSHOT_EXPLAIN
+    refactor_fewshot: str = _FEWSHOT_REFACTOR
+    docstring_fewshot: str = _FEWSHOT_DOCSTRING
+    fix_fewshot: str = _FEWSHOT_FIX
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def with_overrides(self, overrides: Mapping[str, str]) -> InstructionTemplates:
+        """A copy with fields replaced by name; unknown names and non-strings are ignored
+        (the config parser reports them)."""
+        known = set(self.names())
+        changes = {k: v for k, v in overrides.items() if k in known and isinstance(v, str)}
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+def _file_context(ctx: CompletionContext | None, selection: str) -> str:
+    """The file around the selection: extras + prefix + selection + suffix (the prefix-only
+    completion prompt at the selection's start is a prefix of this)."""
+    if ctx is None:
+        return ""
+    return render_extras_block(ctx.extras, ctx.language_id) + ctx.prefix + selection + ctx.suffix
+
+
+def _build(
+    kind: str,
+    ctx: CompletionContext | None,
+    selection: str,
+    language: str,
+    chat: bool,
+    templates: InstructionTemplates | None,
+    extra: Mapping[str, str],
+) -> tuple[str, list[str]]:
+    t = templates or InstructionTemplates()
+    context = _file_context(ctx, selection)
+    values = {
+        "language": language,
+        "path": (ctx.path if ctx else "") or "untitled",
+        "selection": selection.rstrip("\n"),
+        **extra,
+    }
+    if chat:
+        head = render_template(t.chat_context, {**values, "context": context.rstrip("\n")})
+        text = (head if context else "") + render_template(getattr(t, kind), values)
+        prompt = render_template(t.chat, {"system": t.system, "text": text})
+        return prompt, list(_CHAT_STOP)
+    head = render_template(t.fewshot_context, {"context": context}) if context else ""
+    prompt = head + render_template(getattr(t, f"{kind}_fewshot"), values)
+    stop = ["\n### ", "<eos>"] if kind == "explain" else ["```", "<eos>"]
+    return prompt, stop
+
+
+def explain_prompt(
+    ctx: CompletionContext | None,
+    selection: str,
+    language: str,
+    chat: bool,
+    templates: InstructionTemplates | None = None,
+) -> tuple[str, list[str]]:
+    """Ask for an explanation of ``selection`` (text answer)."""
+    return _build("explain", ctx, selection, language, chat, templates, {})
+
+
+def refactor_prompt(
+    ctx: CompletionContext | None,
+    selection: str,
+    language: str,
+    chat: bool,
+    instruction: str,
+    templates: InstructionTemplates | None = None,
+) -> tuple[str, list[str]]:
+    """Ask for ``selection`` rewritten per ``instruction`` (answer: code, see
+    `extract_code_block`)."""
+    extra = {"instruction": instruction.strip() or "Improve it."}
+    return _build("refactor", ctx, selection, language, chat, templates, extra)
+
+
+def docstring_prompt(
+    ctx: CompletionContext | None,
+    selection: str,
+    language: str,
+    chat: bool,
+    templates: InstructionTemplates | None = None,
+) -> tuple[str, list[str]]:
+    """Ask for ``selection`` with documentation comments added (answer: code)."""
+    return _build("docstring", ctx, selection, language, chat, templates, {})
+
+
+def fix_prompt(
+    ctx: CompletionContext | None,
+    selection: str,
+    language: str,
+    chat: bool,
+    diagnostics: Sequence[str],
+    templates: InstructionTemplates | None = None,
+) -> tuple[str, list[str]]:
+    """Ask for ``selection`` fixed for the given diagnostic messages (answer: code)."""
+    items = [d.strip() for d in diagnostics if d.strip()] or ["(no messages)"]
+    extra = {"diagnostics": "\n".join(f"- {m}" for m in items)}
+    return _build("fix", ctx, selection, language, chat, templates, extra)
+
+
+_FENCE_OPEN = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n`]*\n", re.MULTILINE)
+
+
+def extract_code_block(text: str) -> str:
+    """The code inside the first fenced block (to the end if it is not closed); the text
+    itself (without a trailing closing fence) when there is no opening fence. Trailing line
+    breaks are dropped in both cases; leading indentation is kept."""
+    m = _FENCE_OPEN.search(text)
+    if m is None:
+        stripped = text.rstrip()
+        if stripped.endswith("```"):
+            stripped = stripped[:-3]
+            return stripped.rstrip("\n")
+        return text.rstrip("\n")
+    fence = m.group(1)
+    body = text[m.end() :]
+    close = re.search(rf"^[ \t]*{re.escape(fence)}[ \t]*$", body, re.MULTILINE)
+    if close is None:
+        return body.rstrip("\n")
+    return body[: close.start()].rstrip("\n")
