@@ -23,7 +23,11 @@ _LEN = struct.Struct(">I")
 
 
 class ProtocolError(ValueError):
-    """A malformed, oversized or unknown frame."""
+    """A malformed or unknown message in a whole frame: the stream is still in step."""
+
+
+class FrameError(ProtocolError):
+    """An oversized or truncated frame: the stream is out of step and must be closed."""
 
 
 # Error codes carried by `Error.code`.
@@ -229,10 +233,10 @@ def read_frame(sock: socket.socket) -> Message | None:
         return None
     (n,) = _LEN.unpack(head)
     if n > MAX_FRAME:
-        raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+        raise FrameError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
     body = _recv_exact(sock, n)
     if body is None:
-        raise ProtocolError(f"connection closed inside a {n}-byte frame")
+        raise FrameError(f"connection closed inside a {n}-byte frame")
     return decode(body)
 
 
@@ -242,7 +246,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
         chunk = sock.recv(min(n - len(buf), 1 << 20))
         if not chunk:
             if buf:
-                raise ProtocolError(f"connection closed after {len(buf)} of {n} bytes")
+                raise FrameError(f"connection closed after {len(buf)} of {n} bytes")
             return None
         buf += chunk
     return bytes(buf)

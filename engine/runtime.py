@@ -70,5 +70,11 @@ class Model:
     def name(self) -> str:
         return self.files.source.name
 
+    def warm_up(self) -> None:
+        """Run one token so every weight page is mapped in before the first real request."""
+        from engine.model import forward
+
+        forward(self.config, self.weights, [self.tokenizer.bos_id], self.new_kv(1))
+
     def new_kv(self, capacity: int) -> KVCache:
         return KVCache(self.config, min(capacity, self.config.context_length))

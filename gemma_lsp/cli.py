@@ -1,4 +1,5 @@
-"""Command line: argv -> subcommand (generate, tokenize). Engine modules load lazily."""
+"""Command line: argv -> the language server (default) or a subcommand. Engine modules (numpy)
+load lazily, only in the subcommands that run the model in this process."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-lsp", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--tcp", metavar="HOST:PORT", help="serve LSP over TCP instead of stdio")
+    sub = parser.add_subparsers(dest="command")
 
     g = sub.add_parser("generate", help="complete a prompt with the local model")
     g.add_argument("prompt", nargs="?", help="prompt text (default: read stdin)")
@@ -39,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tokenize", help="print the token ids of stdin as JSON (BOS included)")
     _add_model_args(t)
+
+    e = sub.add_parser("engine", help="run the resident engine in the foreground")
+    e.add_argument("--socket", type=Path, help="socket path (default: in the runtime dir)")
+    e.add_argument("--idle-timeout", type=float, default=1800.0,
+                   help="exit after this many seconds without clients (0 = never)")
+    e.add_argument("--cache-mb", type=int, default=512, help="prompt cache budget in MB")
+    e.add_argument("--no-persist", action="store_true", help="do not load/save the cache")
+    _add_model_args(e)
+
+    s = sub.add_parser("status", help="show the running engine's model, cache and speed")
+    s.add_argument("--socket", type=Path)
     return parser
 
 
@@ -140,7 +153,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "tokenize": cmd_tokenize}
+def cmd_engine(args: argparse.Namespace) -> int:
+    from engine.daemon import DaemonOptions, serve
+
+    if not args.verbose:
+        logging.getLogger("gemma-lsp.engine").setLevel(logging.INFO)
+    try:
+        opts = DaemonOptions(
+            socket=args.socket, idle_timeout_s=args.idle_timeout, cache_mb=args.cache_mb,
+            model=args.model, threads=args.threads, persist=not args.no_persist,
+        )
+        return serve(opts)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from gemma_lsp.engine_client import EngineClient, EngineError
+
+    try:
+        client = EngineClient(socket_path=args.socket, autostart=False)
+        info = client.status()
+        client.close()
+    except EngineError as e:
+        raise CliError(str(e)) from e
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gemma_lsp.server import serve
+
+    try:
+        return serve(args.tcp)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "tokenize": cmd_tokenize,
+    "engine": cmd_engine,
+    "status": cmd_status,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if args.command is None:
+            return cmd_serve(args)
         return COMMANDS[args.command](args)
     except CliError as e:
         print(f"gemma-lsp: error: {e}", file=sys.stderr)

@@ -1,0 +1,301 @@
+"""The resident engine process: a Unix-socket server (frames in -> scheduler -> frames out)
+and its lifecycle (single-instance lock, idle exit, signals, prompt-cache persistence).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine import protocol as P
+from engine.prompt_cache import PromptCache
+from engine.runtime import Model, pin_blas_threads
+from engine.scheduler import Scheduler
+from engine.weights import cache_root
+
+log = logging.getLogger("gemma-lsp.engine")
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    socket: Path | None = None  # None: protocol.socket_path()
+    idle_timeout_s: float = 1800.0  # 0 = never exit when idle
+    cache_mb: int = 512
+    model: str | None = None  # None: the embedded model
+    threads: int | None = None
+    persist: bool = True
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout_s < 0:
+            raise ValueError(f"idle timeout must be >= 0, got {self.idle_timeout_s}")
+        if self.cache_mb < 0:
+            raise ValueError(f"cache size must be >= 0 MB, got {self.cache_mb}")
+
+
+class AlreadyRunning(Exception):
+    def __init__(self, pid: str) -> None:
+        super().__init__(f"an engine is already running (pid {pid or '?'})")
+
+
+class Connection:
+    """One client: a reader thread; sends are serialized by a lock (scheduler + reader send)."""
+
+    def __init__(self, daemon: Daemon, sock: socket.socket) -> None:
+        self.daemon = daemon
+        self.sock = sock
+        self._send_lock = threading.Lock()
+        self.closed = False
+
+    def send(self, msg: P.Message) -> None:
+        data = P.encode(msg)
+        with self._send_lock:
+            if self.closed:
+                raise OSError("connection closed")
+            self.sock.sendall(data)
+
+    def serve(self) -> None:
+        try:
+            self._handshake()
+            while not self.closed:
+                try:
+                    msg = P.read_frame(self.sock)
+                except P.FrameError as e:  # out of step: answer if we can, then close
+                    self._reply(P.Error(0, P.E_BAD_REQUEST, str(e)))
+                    return
+                except P.ProtocolError as e:  # a bad message in a whole frame: go on
+                    self._reply(P.Error(0, P.E_BAD_REQUEST, str(e)))
+                    continue
+                if msg is None:
+                    return
+                self.daemon.touch()
+                try:
+                    self._dispatch(msg)
+                except Exception as e:  # the daemon turns every exception into an error reply
+                    log.exception("handling %s failed", msg.TYPE)
+                    self._reply(P.Error(getattr(msg, "id", 0), P.E_INTERNAL,
+                                        f"{type(e).__name__}: {e}"))
+        except OSError:
+            pass
+        finally:
+            self.close()
+
+    def _handshake(self) -> None:
+        msg = P.read_frame(self.sock)
+        if msg is None:
+            raise OSError("closed before hello")
+        if not isinstance(msg, P.Hello):
+            self._reply(P.Error(0, P.E_BAD_REQUEST, f"expected hello first, got {msg.TYPE}"))
+            raise OSError("no hello")
+        if msg.version != P.PROTOCOL_VERSION:
+            self._reply(P.Error(0, P.E_VERSION, f"client speaks protocol {msg.version}, this "
+                                               f"engine speaks {P.PROTOCOL_VERSION}"))
+            raise OSError("version mismatch")
+        self.send(P.HelloReply(model=self.daemon.model.name, pid=os.getpid()))
+
+    def _dispatch(self, msg: P.Message) -> None:
+        sched = self.daemon.scheduler
+        if isinstance(msg, P.Generate | P.Warm):
+            sched.submit(self, msg)
+        elif isinstance(msg, P.Cancel):
+            sched.cancel(self, msg.id)
+        elif isinstance(msg, P.Status):
+            self.send(P.StatusReply(msg.id, sched.status() | self.daemon.info()))
+        elif isinstance(msg, P.Shutdown):
+            self.send(P.Done(msg.id, "shutdown"))
+            self.daemon.request_stop("shutdown requested by a client")
+        else:
+            self._reply(P.Error(getattr(msg, "id", 0), P.E_BAD_REQUEST,
+                                f"{msg.TYPE} is not a request"))
+
+    def _reply(self, msg: P.Message) -> None:
+        try:
+            self.send(msg)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        with self._send_lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.daemon.scheduler.cancel_client(self)
+        self.daemon.forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Daemon:
+    def __init__(self, opts: DaemonOptions) -> None:
+        self.opts = opts
+        self.path = opts.socket or P.socket_path()
+        self.started = time.monotonic()
+        self._last_active = time.monotonic()
+        self._conns: set[Connection] = set()
+        self._conns_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stop_reason = ""
+        self._lock_fd: int | None = None
+        self.model: Model
+        self.scheduler: Scheduler
+        self.cache: PromptCache
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        self._take_lock()  # before loading anything: a second daemon exits at once
+        try:
+            blas, threads = pin_blas_threads(self.opts.threads)
+            t0 = time.perf_counter()
+            self.model = Model.load(self.opts.model)
+            self.model.warm_up()
+            cfg = self.model.config
+            self.cache = PromptCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim,
+                                     self.opts.cache_mb << 20)
+            if self.opts.persist and self.cache.load(self.cache_file, self.model.fingerprint):
+                log.info("prompt cache loaded: %d tokens", self.cache.n_tokens)
+            self.scheduler = Scheduler(self.model, self.cache)
+            self.scheduler.start()
+            listener = self._listen()
+            log.info("engine ready in %.1fs on %s (%s, %d threads)", time.perf_counter() - t0,
+                     self.path, blas, threads)
+            self._install_signals()
+            threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+            while not self._stop.wait(0.5):
+                if self._idle_expired():
+                    self.request_stop("idle")
+            log.info("stopping: %s", self._stop_reason)
+            listener.close()
+            self.scheduler.stop()
+            self.save_cache()
+            return 0
+        finally:
+            self._cleanup()
+
+    @property
+    def cache_file(self) -> Path:
+        return cache_root() / "prompt-cache" / f"{self.model.fingerprint[:16]}.safetensors"
+
+    def save_cache(self) -> None:
+        if not self.opts.persist:
+            return
+        try:
+            self.cache.save(self.cache_file, self.model.fingerprint)
+            log.info("prompt cache saved: %d tokens to %s", self.cache.n_tokens, self.cache_file)
+        except OSError as e:
+            log.warning("could not save the prompt cache: %s", e)
+
+    def request_stop(self, reason: str) -> None:
+        self._stop_reason = self._stop_reason or reason
+        self._stop.set()
+
+    def touch(self) -> None:
+        self._last_active = time.monotonic()
+
+    def forget(self, conn: Connection) -> None:
+        with self._conns_lock:
+            self._conns.discard(conn)
+        self.touch()
+
+    def info(self) -> dict[str, Any]:
+        with self._conns_lock:
+            clients = len(self._conns)
+        return {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 1),
+                "clients": clients, "socket": str(self.path),
+                "idle_timeout_s": self.opts.idle_timeout_s}
+
+    def _idle_expired(self) -> bool:
+        if self.opts.idle_timeout_s <= 0:
+            return False
+        with self._conns_lock:
+            if self._conns:
+                return False
+        if self.scheduler.busy():
+            self.touch()
+            return False
+        return time.monotonic() - self._last_active > self.opts.idle_timeout_s
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda s, f: self.request_stop(signal.Signals(s).name))
+
+    # ------------------------------------------------------------------ socket
+
+    def _take_lock(self) -> None:
+        d = self.path.parent
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = d.stat()
+        if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            raise ValueError(f"{d}: must be a directory owned by you with mode 0700 "
+                             f"(it is {oct(stat.S_IMODE(st.st_mode))}, uid {st.st_uid})")
+        lock_path = d / (self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise AlreadyRunning(pid) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _listen(self) -> socket.socket:
+        if self.path.exists() or self.path.is_symlink():
+            self.path.unlink()  # we hold the lock: whoever made it is gone
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        s.listen(16)
+        return s
+
+    def _accept(self, listener: socket.socket) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            conn = Connection(self, sock)
+            with self._conns_lock:
+                self._conns.add(conn)
+            self.touch()
+            threading.Thread(target=conn.serve, name="client", daemon=True).start()
+
+    def _cleanup(self) -> None:
+        with self._conns_lock:
+            conns = list(self._conns)
+        for c in conns:
+            c.close()
+        try:
+            if self._lock_fd is not None and self.path.exists():
+                self.path.unlink()
+        except OSError:
+            pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def serve(opts: DaemonOptions) -> int:
+    """Run the engine in the foreground until idle, SIGTERM/SIGINT or a shutdown request."""
+    try:
+        return Daemon(opts).run()
+    except AlreadyRunning as e:
+        print(f"gemma-lsp engine: {e}; nothing to do")
+        return 0
