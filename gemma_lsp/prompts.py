@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gemma_lsp.context import CompletionContext, Snippet, render_extras_block
+from gemma_lsp.context import CompletionContext, Snippet, comment_syntax, render_extras_block
 
 __all__ = [
     "DEFAULT_FIM_TEMPLATE",
@@ -460,3 +460,40 @@ def extract_code_block(text: str) -> str:
     if close is None:
         return body.rstrip("\n")
     return body[: close.start()].rstrip("\n")
+
+
+@dataclass(frozen=True)
+class Insertion:
+    """A doc comment written in place: the model continues `prompt`; the document gets
+    `head + answer.strip() + tail` at line `at_line` (an index into the selection's lines)."""
+
+    prompt: str
+    stop: list[str]
+    head: str
+    tail: str
+    at_line: int
+
+
+def docstring_insertion(ctx: CompletionContext, selection: str, language: str) -> Insertion | None:
+    """A completion-style docstring prompt that even base models follow: the file up to the
+    definition, then the opening of the doc comment; the answer is the comment's text."""
+    lines = selection.splitlines()
+    if not lines or not lines[0].strip():
+        return None
+    first = lines[0]
+    indent = first[: len(first) - len(first.lstrip(" \t"))]
+    before = render_extras_block(ctx.extras, ctx.language_id) + ctx.prefix
+    if language == "python":
+        if not first.rstrip().endswith(":"):
+            return None
+        body = next((ln for ln in lines[1:] if ln.strip()), indent + "    ")
+        inner = body[: len(body) - len(body.lstrip(" \t"))] or indent + "    "
+        head = inner + '"""'
+        return Insertion(before + first + "\n" + head, ['"""', "\n\n"], head, '"""\n', 1)
+    start, end = comment_syntax(language)
+    if start == "/*":
+        head = f"{indent}/**\n{indent} * "
+        return Insertion(before + head, ["*/", "\n\n"], head, f"\n{indent} */\n", 0)
+    lead = {"rust": "///"}.get(language, start)
+    head = f"{indent}{lead} "
+    return Insertion(before + head, ["\n"], head, "\n", 0)

@@ -1,0 +1,299 @@
+"""Code actions: Explain, Refactor, Add docstring, Fix with Gemma. Listing is instant; the model
+runs in `codeAction/resolve` (or the matching command) and edits are minimal and versioned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lsprotocol import types as t
+
+from gemma_lsp.backend import Backend, BackendError, astream
+from gemma_lsp.config import ServerOptions
+from gemma_lsp.context import CompletionContext, build_context
+from gemma_lsp.documents import Document, DocumentStore
+from gemma_lsp.prompts import (
+    InstructionTemplates,
+    docstring_insertion,
+    docstring_prompt,
+    explain_prompt,
+    extract_code_block,
+    fix_prompt,
+    refactor_prompt,
+)
+
+KINDS = {
+    "explain": ("Explain with Gemma", t.CodeActionKind.Empty),
+    "refactor": ("Refactor with Gemma", t.CodeActionKind.RefactorRewrite),
+    "docstring": ("Add docstring with Gemma", t.CodeActionKind.RefactorRewrite),
+    "fix": ("Fix with Gemma", t.CodeActionKind.QuickFix),
+}
+ACTION_PRIORITY = 10  # below completions in the engine's queue
+
+
+class ActionError(Exception):
+    """A user-facing refusal (stale document, nothing to change, backend down, cancelled)."""
+
+
+class CancelScope:
+    """The engine streams one command started; cancelling it stops them all."""
+
+    def __init__(self) -> None:
+        self.streams: set[Any] = set()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for s in list(self.streams):
+            s.cancel()
+
+
+@dataclass
+class Selection:
+    doc: Document
+    start: int  # string offsets, expanded to whole lines
+    end: int
+
+    @property
+    def text(self) -> str:
+        return self.doc.text[self.start : self.end]
+
+
+def select_lines(doc: Document, rng: t.Range) -> Selection:
+    """The selection grown to whole lines (the cursor's line when it is empty)."""
+    a, b = doc.range_offsets(rng)
+    first = doc.line_of_offset(a)
+    last = doc.line_of_offset(b)
+    if b > a and last > first and b == doc.line_start(last):
+        last -= 1  # a selection ending at column 0 does not include that line
+    return Selection(doc, doc.line_start(first), doc.line_end(last, include_eol=True))
+
+
+def is_chat_model(name: str) -> bool:
+    """Instruction-tuned checkpoints get the chat template; base models the few-shot form."""
+    n = name.lower()
+    return any(k in n for k in ("-it", "_it", "instruct", "chat"))
+
+
+class ActionService:
+    def __init__(self, store: DocumentStore, backend: Callable[[], Backend],
+                 options: Callable[[], ServerOptions]) -> None:
+        self.store = store
+        self.backend = backend
+        self.options = options
+
+    # ------------------------------------------------------------------ listing
+
+    def offer(self, params: t.CodeActionParams) -> list[t.CodeAction]:
+        doc = self.store.get(params.text_document.uri)
+        if doc is None or doc.skipped or not self.options().actions.enabled:
+            return []
+        base = {"uri": doc.uri, "version": doc.version, "range": range_to_json(params.range)}
+        out = []
+        only = params.context.only
+        for kind in ("explain", "refactor", "docstring"):
+            title, code_kind = KINDS[kind]
+            if only and not any(str(code_kind).startswith(str(k)) for k in only):
+                continue
+            out.append(t.CodeAction(title=title, kind=code_kind, data=base | {"kind": kind}))
+        for diag in params.context.diagnostics:
+            if only and t.CodeActionKind.QuickFix not in only:
+                break
+            out.append(t.CodeAction(
+                title=f"Fix with Gemma: {diag.message.splitlines()[0][:60]}",
+                kind=t.CodeActionKind.QuickFix,
+                diagnostics=[diag],
+                data=base | {"kind": "fix", "range": range_to_json(diag.range),
+                             "diagnostics": [diag.message]},
+            ))
+        return out
+
+    # ------------------------------------------------------------------ resolving
+
+    async def resolve(self, action: t.CodeAction) -> t.CodeAction:
+        data = action.data
+        if not isinstance(data, dict) or data.get("kind") not in KINDS:
+            return action  # not ours, or nothing to compute (Neovim resolves every action)
+        uri = str(data.get("uri", ""))
+        rng = range_from_json(data.get("range"))
+        if data["kind"] == "explain":
+            action.command = t.Command(KINDS["explain"][0], "gemma.explain",
+                                       arguments=[uri, data["range"]])
+            return action
+        edit = await self.edit(
+            data["kind"], uri, rng, version=data.get("version"),
+            instruction=str(data.get("instruction", "")),
+            diagnostics=[str(d) for d in data.get("diagnostics", [])],
+        )
+        action.edit = edit
+        return action
+
+    async def edit(
+        self,
+        kind: str,
+        uri: str,
+        rng: t.Range,
+        *,
+        version: int | None = None,
+        instruction: str = "",
+        diagnostics: list[str] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        scope: CancelScope | None = None,
+    ) -> t.WorkspaceEdit:
+        """Run a rewrite (refactor, docstring, fix) and return a minimal versioned edit."""
+        doc = self._doc(uri, version)
+        sel = select_lines(doc, rng)
+        insertion = (docstring_insertion(self.context(sel), sel.text, doc.language_id)
+                     if kind == "docstring" else None)
+        if insertion is not None:  # write the doc comment in place: reliable even for base models
+            answer = await self.generate(insertion.prompt, insertion.stop, on_text, scope)
+            doc = self._doc(uri, sel.doc.version)
+            if not answer.strip():
+                raise ActionError("Gemma wrote no documentation for this selection")
+            lines = sel.text.splitlines(keepends=True)
+            comment = insertion.head + answer.strip() + insertion.tail
+            code = "".join(lines[: insertion.at_line]) + comment + "".join(
+                lines[insertion.at_line :])
+            edit = minimal_edit(doc, sel.start, sel.end, code)
+            assert edit is not None
+            return self._versioned(uri, doc, edit)
+        prompt, stop = self.prompt(kind, sel, instruction, diagnostics or [])
+        answer = await self.generate(prompt, stop, on_text, scope)
+        doc = self._doc(uri, sel.doc.version)  # refuse if the user edited meanwhile
+        code = reindent(extract_code_block(answer), sel.text)
+        if not code.strip():
+            raise ActionError("Gemma returned no code for this selection")
+        if sel.text.endswith("\n") and not code.endswith("\n"):
+            code += "\n"
+        edit = minimal_edit(doc, sel.start, sel.end, code)
+        if edit is None:
+            raise ActionError("Gemma suggested no change")
+        return self._versioned(uri, doc, edit)
+
+    @staticmethod
+    def _versioned(uri: str, doc: Document, edit: t.TextEdit) -> t.WorkspaceEdit:
+        return t.WorkspaceEdit(document_changes=[t.TextDocumentEdit(
+            text_document=t.OptionalVersionedTextDocumentIdentifier(uri=uri, version=doc.version),
+            edits=[edit],
+        )])
+
+    def context(self, sel: Selection) -> CompletionContext:
+        """The file around the selection: prefix before it, suffix after it (not through it)."""
+        ctx = build_context(sel.doc, sel.start, self.store, self.options().completion.budgets())
+        end = min(len(sel.doc.text), sel.end + len(ctx.suffix))
+        return dataclasses.replace(ctx, suffix=sel.doc.text[sel.end : end])
+
+    async def explain(self, uri: str, rng: t.Range,
+                      on_text: Callable[[str], None] | None = None,
+                      scope: CancelScope | None = None) -> str:
+        doc = self._doc(uri, None)
+        sel = select_lines(doc, rng)
+        prompt, stop = self.prompt("explain", sel, "", [])
+        return (await self.generate(prompt, stop, on_text, scope)).strip()
+
+    def prompt(self, kind: str, sel: Selection, instruction: str,
+               diagnostics: list[str]) -> tuple[str, list[str]]:
+        opts = self.options()
+        templates = InstructionTemplates().with_overrides(opts.templates)
+        ctx = self.context(sel)
+        chat = is_chat_model(opts.engine.model_name or self.backend().model_name)
+        lang = sel.doc.language_id or "text"
+        if kind == "explain":
+            return explain_prompt(ctx, sel.text, lang, chat, templates)
+        if kind == "refactor":
+            return refactor_prompt(ctx, sel.text, lang, chat, instruction, templates)
+        if kind == "docstring":
+            return docstring_prompt(ctx, sel.text, lang, chat, templates)
+        return fix_prompt(ctx, sel.text, lang, chat, diagnostics, templates)
+
+    async def generate(self, prompt: str, stop: list[str],
+                       on_text: Callable[[str], None] | None,
+                       scope: CancelScope | None = None) -> str:
+        opts = self.options().actions
+        scope = scope or CancelScope()
+        try:
+            stream = await asyncio.to_thread(
+                self.backend().start, prompt, max_tokens=opts.max_tokens,
+                temperature=opts.temperature, stop=stop, priority=ACTION_PRIORITY,
+            )
+            scope.streams.add(stream)
+            if scope.cancelled:
+                stream.cancel()
+            text = ""
+            async for piece in astream(stream):
+                text += piece
+                if on_text is not None and piece:
+                    on_text(text)
+        except BackendError as e:
+            raise ActionError(f"the model backend failed: {e}") from e
+        finally:
+            scope.streams.clear()
+        if scope.cancelled:
+            raise ActionError("cancelled")
+        return text
+
+    def _doc(self, uri: str, version: Any) -> Document:
+        doc = self.store.get(uri)
+        if doc is None:
+            raise ActionError(f"{uri} is not open")
+        if doc.skipped:
+            raise ActionError(f"{uri} is skipped ({doc.skip_reason})")
+        if version is not None and doc.version != version:
+            raise ActionError(
+                f"{uri} changed since the action was offered (version {version}, now "
+                f"{doc.version}); run it again"
+            )
+        return doc
+
+
+def reindent(code: str, original: str) -> str:
+    """Give `code` the original selection's base indentation if the model dropped it."""
+    def base(text: str) -> str:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if not lines:
+            return ""
+        return min((ln[: len(ln) - len(ln.lstrip(" \t"))] for ln in lines), key=len)
+
+    want, have = base(original), base(code)
+    if not want or have == want or len(have) > len(want) or not want.startswith(have):
+        return code
+    pad = want[len(have):]
+    return "".join(pad + ln if ln.strip() else ln for ln in code.splitlines(keepends=True))
+
+
+def minimal_edit(doc: Document, start: int, end: int, new: str) -> t.TextEdit | None:
+    """One TextEdit covering only the lines that differ between doc[start:end] and `new`."""
+    old_lines = doc.text[start:end].splitlines(keepends=True)
+    new_lines = new.splitlines(keepends=True)
+    p = 0
+    while p < min(len(old_lines), len(new_lines)) and old_lines[p] == new_lines[p]:
+        p += 1
+    s = 0
+    while (s < min(len(old_lines), len(new_lines)) - p
+           and old_lines[-1 - s] == new_lines[-1 - s]):
+        s += 1
+    a = start + sum(len(x) for x in old_lines[:p])
+    b = end - sum(len(x) for x in old_lines[len(old_lines) - s:])
+    text = "".join(new_lines[p: len(new_lines) - s])
+    if a == b and not text:
+        return None
+    return t.TextEdit(range=doc.range_of(a, b), new_text=text)
+
+
+def range_to_json(r: t.Range) -> dict[str, Any]:
+    return {"start": {"line": r.start.line, "character": r.start.character},
+            "end": {"line": r.end.line, "character": r.end.character}}
+
+
+def range_from_json(raw: Any) -> t.Range:
+    try:
+        s, e = raw["start"], raw["end"]
+        return t.Range(t.Position(int(s["line"]), int(s["character"])),
+                       t.Position(int(e["line"]), int(e["character"])))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ActionError(f"bad range {raw!r}") from err
+

@@ -1,0 +1,216 @@
+"""What the language server needs from a model backend, and the built-in engine's adapter.
+
+Handlers never talk to a socket: they ask a `Backend` for a `Stream` of text pieces, and
+iterate it from asyncio without blocking the event loop (`astream`). A backend that fails
+raises `BackendError`; the next request reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class BackendError(Exception):
+    """The model backend is unreachable or refused a request (message is user-facing)."""
+
+
+@dataclass
+class Finish:
+    """How a stream ended (mirrors the engine's Done message)."""
+
+    reason: str = ""
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    evaluated_tokens: int = 0
+    first_token_ms: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stream(Protocol):
+    finish: Finish | None
+
+    def next(self, timeout: float | None = None) -> str | None:
+        """The next text piece ('' is possible), or None when the stream has ended."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop the work now (idempotent); `next` then returns None."""
+        ...
+
+
+class Backend(Protocol):
+    model_name: str
+
+    def start(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        stop: list[str] | None = None,
+        doc: str = "",
+        priority: int = 0,
+        seed: int | None = None,
+    ) -> Stream: ...
+
+    def warm(self, prompt: str, doc: str) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def restart(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+async def astream(stream: Stream, poll_s: float = 60.0) -> AsyncIterator[str]:
+    """Iterate a blocking Stream from asyncio; cancelling the task cancels the stream."""
+    try:
+        while True:
+            piece = await asyncio.to_thread(stream.next, poll_s)
+            if piece is None:
+                return
+            yield piece
+    finally:
+        stream.cancel()  # a no-op when it ended by itself
+
+
+class EngineBackend:
+    """The resident engine (`gemma-lsp engine`) through `engine_client.EngineClient`."""
+
+    def __init__(self, socket_path: str | None = None, autostart: bool = True,
+                 model: str | None = None) -> None:
+        from gemma_lsp.engine_client import EngineClient
+
+        self._lock = threading.Lock()
+        self._make = lambda: EngineClient(socket_path=socket_path, autostart=autostart,
+                                          model=model)
+        self._client: Any = None
+        self.model_name = "gemma-3-270m"
+
+    def _get(self) -> Any:
+        from gemma_lsp.engine_client import EngineError
+
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = self._make()
+                    self.model_name = getattr(self._client, "model", "") or self.model_name
+                except EngineError as e:
+                    raise BackendError(str(e)) from e
+            return self._client
+
+    def start(self, prompt: str, *, max_tokens: int, temperature: float = 0.0,
+              stop: list[str] | None = None, doc: str = "", priority: int = 0,
+              seed: int | None = None) -> Stream:
+        from gemma_lsp.engine_client import EngineError
+
+        client = self._get()
+        try:
+            handle = client.generate(prompt, max_tokens=max_tokens, temperature=temperature,
+                                     stop=list(stop or []), doc=doc, priority=priority, seed=seed)
+        except EngineError as e:
+            raise BackendError(str(e)) from e
+        return _EngineStream(client, handle)
+
+    def warm(self, prompt: str, doc: str) -> None:
+        from gemma_lsp.engine_client import EngineError
+
+        try:
+            self._get().warm(prompt, doc=doc)
+        except EngineError as e:
+            raise BackendError(str(e)) from e
+
+    def status(self) -> dict[str, Any]:
+        from gemma_lsp.engine_client import EngineError
+
+        try:
+            return dict(self._get().status())
+        except EngineError as e:
+            raise BackendError(str(e)) from e
+
+    def restart(self) -> None:
+        from gemma_lsp.engine_client import EngineError
+
+        with self._lock:
+            client, self._client = self._client, None
+        try:
+            if client is None:
+                client = self._make()
+            client.shutdown()
+        except EngineError:
+            pass  # already gone: the next request starts a fresh one
+        finally:
+            if client is not None:
+                client.close()
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+class _EngineStream:
+    def __init__(self, client: Any, handle: Any) -> None:
+        self._client = client
+        self._handle = handle
+        self._ended = False
+        self.finish: Finish | None = None
+
+    def next(self, timeout: float | None = None) -> str | None:
+        from engine.protocol import Done, Token
+        from gemma_lsp.engine_client import EngineError
+
+        if self._ended:
+            return None
+        try:
+            msg = self._handle.next(timeout)
+        except EngineError as e:
+            self._ended = True
+            if getattr(e, "code", "") in ("cancelled", "superseded"):
+                return None
+            raise BackendError(str(e)) from e
+        if isinstance(msg, Token):
+            return str(msg.text)
+        self._ended = True
+        if isinstance(msg, Done):
+            self.finish = Finish(msg.reason, msg.prompt_tokens, msg.reused_tokens,
+                                 msg.evaluated_tokens, msg.first_token_ms)
+            return msg.tail or None
+        return None
+
+    def cancel(self) -> None:
+        if not self._ended:
+            self._ended = True
+            try:
+                self._handle.cancel()
+            except Exception:  # noqa: BLE001 - the engine may be gone already
+                pass
+
+
+class UnavailableBackend:
+    """Stands in for a backend that cannot run; every request fails with the reason."""
+
+    model_name = ""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def start(self, prompt: str, **_: Any) -> Stream:
+        raise BackendError(self.reason)
+
+    def warm(self, prompt: str, doc: str) -> None:
+        raise BackendError(self.reason)
+
+    def status(self) -> dict[str, Any]:
+        raise BackendError(self.reason)
+
+    def restart(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

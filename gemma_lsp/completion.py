@@ -1,0 +1,179 @@
+"""Inline completion: debounce, typed-ahead reuse, streaming with early stops, warming.
+
+One `CompletionService` per server. A request waits out the debounce (a newer request for the
+same document wins), reuses the shown suggestion when the user typed its first characters,
+otherwise streams a completion from the backend and stops it as soon as a quality rule fires.
+After an idle pause it asks the backend to prefill the document so the next request is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gemma_lsp.backend import Backend, BackendError, astream
+from gemma_lsp.config import ServerOptions
+from gemma_lsp.context import CompletionContext, build_context
+from gemma_lsp.documents import Document, DocumentStore
+from gemma_lsp.postprocess import finalize, should_stop_early, typed_ahead
+from gemma_lsp.prompts import completion_prompt, custom_fim_template, template_for_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Shown:
+    """The last suggestion returned for a document, for typed-ahead reuse."""
+
+    prefix: str  # document text before the cursor when it was made
+    texts: list[str]
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    typed_ahead: int = 0
+    engine_calls: int = 0
+    superseded: int = 0
+
+
+class CompletionService:
+    def __init__(
+        self,
+        store: DocumentStore,
+        backend: Callable[[], Backend],
+        options: Callable[[], ServerOptions],
+        on_error: Callable[[str], None],
+        root_uri: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.options = options
+        self.on_error = on_error
+        self.root_uri = root_uri
+        self.stats = Stats()
+        self._generation: dict[str, int] = {}  # uri -> newest request number
+        self._shown: dict[str, _Shown] = {}
+        self._warm_tasks: dict[str, asyncio.Task[None]] = {}
+        self.last_latency_ms = 0.0
+
+    def template(self) -> object:
+        opts = self.options()
+        if opts.fim_template and "{" in opts.fim_template:
+            return custom_fim_template(opts.fim_template)
+        name = opts.engine.model_name or self.backend().model_name
+        return template_for_model(name, opts.fim_template)
+
+    def context(self, doc: Document, offset: int) -> CompletionContext:
+        budgets = self.options().completion.budgets()
+        return build_context(doc, offset, self.store, budgets, root_uri=self.root_uri())
+
+    def prompt(self, ctx: CompletionContext) -> tuple[str, list[str]]:
+        return completion_prompt(ctx, self.template())  # type: ignore[arg-type]
+
+    async def complete(self, uri: str, offset: int) -> list[str]:
+        """Suggestions for the cursor at `offset` of `uri` (empty when there is nothing good)."""
+        opts = self.options().completion
+        doc = self.store.get(uri)
+        if doc is None or doc.skipped or not opts.enabled_for(doc.language_id):
+            return []
+        self.stats.requests += 1
+        gen = self._generation[uri] = self._generation.get(uri, 0) + 1
+        before = doc.text[:offset]
+
+        # typed-ahead: the user is typing what we already suggested
+        shown = self._shown.get(uri)
+        if shown is not None:
+            rest = [r for t in shown.texts if (r := typed_ahead(t, shown.prefix, before))]
+            if rest:
+                self.stats.typed_ahead += 1
+                self._shown[uri] = _Shown(before, rest)
+                return rest
+
+        # debounce: only the newest request for a document goes to the model
+        await asyncio.sleep(opts.debounce_ms / 1000)
+        if self._generation.get(uri) != gen:
+            self.stats.superseded += 1
+            return []
+        doc = self.store.get(uri)
+        if doc is None or doc.text[:offset] != before:
+            return []  # the document changed under us: the client will ask again
+
+        ctx = self.context(doc, offset)
+        prompt, stop = self.prompt(ctx)
+        texts = []
+        for i in range(max(1, opts.candidates)):
+            temperature = opts.temperature if i == 0 else max(opts.temperature, 0.7)
+            text = await self._one(prompt, stop, ctx, uri, temperature, seed=i or None)
+            if text is None:
+                break
+            texts.append(text)
+        result = finalize(texts, ctx, opts.max_lines)
+        if result:
+            self._shown[uri] = _Shown(before, result)
+        else:
+            self._shown.pop(uri, None)
+        return result
+
+    async def _one(self, prompt: str, stop: list[str], ctx: CompletionContext, uri: str,
+                   temperature: float, seed: int | None) -> str | None:
+        opts = self.options().completion
+        t0 = time.perf_counter()
+        try:
+            stream = await asyncio.to_thread(
+                self.backend().start, prompt, max_tokens=opts.max_tokens,
+                temperature=temperature, stop=stop, doc=uri, priority=0, seed=seed,
+            )
+            self.stats.engine_calls += 1
+            text = ""
+            async for piece in astream(stream):
+                text += piece
+                if should_stop_early(text, ctx, opts.max_lines):
+                    break  # astream cancels the engine work on exit
+        except BackendError as e:
+            self.on_error(str(e))
+            return None
+        self.last_latency_ms = (time.perf_counter() - t0) * 1000
+        return text
+
+    # ------------------------------------------------------------------ warming
+
+    def schedule_warm(self, uri: str) -> None:
+        """(Re)start the idle timer after which the document is prefilled in the engine."""
+        old = self._warm_tasks.pop(uri, None)
+        if old is not None:
+            old.cancel()
+        delay = self.options().completion.warm_after_ms
+        if delay <= 0:
+            return
+        try:
+            self._warm_tasks[uri] = asyncio.get_running_loop().create_task(
+                self._warm_later(uri, delay / 1000)
+            )
+        except RuntimeError:  # no running loop (unit tests calling handlers directly)
+            pass
+
+    async def _warm_later(self, uri: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        doc = self.store.get(uri)
+        if doc is None or doc.skipped or not self.options().completion.enabled_for(
+            doc.language_id
+        ):
+            return
+        # the prompt for a cursor at the end: for a prefix-only template it contains the
+        # prompt of every cursor position in the document
+        prompt, _ = self.prompt(self.context(doc, len(doc.text)))
+        try:
+            await asyncio.to_thread(self.backend().warm, prompt, uri)
+        except BackendError as e:
+            log.info("warming %s failed: %s", uri, e)
+
+    def forget(self, uri: str) -> None:
+        self._shown.pop(uri, None)
+        self._generation.pop(uri, None)
+        task = self._warm_tasks.pop(uri, None)
+        if task is not None:
+            task.cancel()

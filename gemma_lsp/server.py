@@ -1,0 +1,211 @@
+"""The LanguageServer and its feature registrations. Handlers are thin: typed params in,
+delegate to the documents / completion / actions / commands rooms, return.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lsprotocol import types as t
+from pygls.lsp.server import LanguageServer
+
+from gemma_lsp import __version__
+from gemma_lsp.actions import KINDS, ActionError, ActionService
+from gemma_lsp.backend import Backend, EngineBackend, UnavailableBackend
+from gemma_lsp.commands import COMMANDS, CommandService
+from gemma_lsp.completion import CompletionService
+from gemma_lsp.config import ServerOptions, parse_options
+from gemma_lsp.documents import DocumentStore
+
+log = logging.getLogger(__name__)
+
+
+class GemmaServer(LanguageServer):
+    """Holds the server's state: options, documents, the backend and the services."""
+
+    def __init__(self, backend_factory: Any = None) -> None:
+        super().__init__("gemma-lsp", __version__,
+                         text_document_sync_kind=t.TextDocumentSyncKind.Incremental)
+        self.options = ServerOptions()
+        self.store = DocumentStore(max_file_bytes=self.options.max_file_bytes)
+        self._backend_factory = backend_factory or _default_backend
+        self._backend: Backend | None = None
+        self._warned: set[str] = set()
+        self.completion = CompletionService(
+            self.store, self.backend, lambda: self.options, self.engine_error,
+            root_uri=lambda: self._root_uri,
+        )
+        self.actions = ActionService(self.store, self.backend, lambda: self.options)
+        self.commands = CommandService(self, self.actions, self.backend, self.notify)
+        self._root_uri: str | None = None
+
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = self._backend_factory(self.options)
+        return self._backend
+
+    def apply_options(self, raw: Any, base: ServerOptions | None = None) -> None:
+        new, warnings = parse_options(raw, base)
+        if new.engine != self.options.engine and self._backend is not None:
+            self._backend.close()
+            self._backend = None
+        self.options = new
+        self.store.max_file_bytes = new.max_file_bytes
+        for w in warnings:
+            log.warning("settings: %s", w)
+            self.notify(f"gemma-lsp settings: {w}", t.MessageType.Warning)
+
+    def notify(self, message: str, kind: t.MessageType = t.MessageType.Info) -> None:
+        try:
+            self.window_show_message(t.ShowMessageParams(type=kind, message=message))
+        except Exception:  # noqa: BLE001 - before initialize there is no client to tell
+            log.info("%s", message)
+
+    def engine_error(self, message: str) -> None:
+        """Tell the user once per distinct failure; the next request retries the engine."""
+        log.warning("engine: %s", message)
+        if message not in self._warned:
+            self._warned.add(message)
+            self.notify(f"Gemma engine: {message}", t.MessageType.Error)
+
+
+def _default_backend(options: ServerOptions) -> Backend:
+    e = options.engine
+    if e.backend != "builtin":
+        return UnavailableBackend(f"backend {e.backend!r} is not available in this version")
+    return EngineBackend(socket_path=e.socket_path, autostart=e.autostart, model=e.model)
+
+
+def create_server(backend_factory: Any = None) -> GemmaServer:
+    server = GemmaServer(backend_factory)
+
+    @server.feature(t.INITIALIZE)
+    def initialize(ls: GemmaServer, params: t.InitializeParams) -> None:
+        ls._root_uri = params.root_uri
+        ls.store.encoding = ls.workspace.position_encoding
+        ls.apply_options(params.initialization_options)
+
+    @server.feature(t.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    def did_change_configuration(ls: GemmaServer, params: t.DidChangeConfigurationParams) -> None:
+        ls.apply_options(params.settings, base=ls.options)
+
+    @server.feature(t.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls: GemmaServer, params: t.DidOpenTextDocumentParams) -> None:
+        doc = ls.store.open_item(params.text_document)
+        if doc.skipped:
+            log.info("not completing %s: %s", doc.uri, doc.skip_reason)
+            return
+        ls.completion.schedule_warm(doc.uri)
+
+    @server.feature(t.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(ls: GemmaServer, params: t.DidChangeTextDocumentParams) -> None:
+        doc = ls.store.change(params.text_document.uri, params.text_document.version,
+                              params.content_changes)
+        if doc is not None and not doc.skipped:
+            ls.completion.schedule_warm(doc.uri)
+
+    @server.feature(t.TEXT_DOCUMENT_DID_CLOSE)
+    def did_close(ls: GemmaServer, params: t.DidCloseTextDocumentParams) -> None:
+        ls.store.close(params.text_document.uri)
+        ls.completion.forget(params.text_document.uri)
+
+    @server.feature(t.TEXT_DOCUMENT_INLINE_COMPLETION, t.InlineCompletionOptions())
+    async def inline_completion(
+        ls: GemmaServer, params: t.InlineCompletionParams
+    ) -> t.InlineCompletionList | None:
+        doc = ls.store.get(params.text_document.uri)
+        if doc is None:
+            return None
+        offset = doc.offset_at(params.position)
+        texts = await ls.completion.complete(doc.uri, offset)
+        here = t.Range(params.position, params.position)
+        return t.InlineCompletionList(
+            items=[t.InlineCompletionItem(insert_text=s, range=here) for s in texts]
+        )
+
+    @server.feature(t.TEXT_DOCUMENT_COMPLETION,
+                    t.CompletionOptions(trigger_characters=[".", "(", " ", "\n"]))
+    async def completion(ls: GemmaServer, params: t.CompletionParams) -> t.CompletionList | None:
+        doc = ls.store.get(params.text_document.uri)
+        if doc is None:
+            return None
+        offset = doc.offset_at(params.position)
+        texts = await ls.completion.complete(doc.uri, offset)
+        # the item replaces the word before the cursor so that clients' filtering keeps it
+        line_prefix = doc.text[doc.line_start(doc.line_of_offset(offset)):offset]
+        word = line_prefix[len(line_prefix.rstrip("_0123456789abcdefghijklmnopqrstuvwxyz"
+                                                  "ABCDEFGHIJKLMNOPQRSTUVWXYZ")):]
+        start = doc.position_at(offset - len(word))
+        caps = ls.client_capabilities.text_document
+        item_caps = caps.completion.completion_item if caps and caps.completion else None
+        markdown = bool(item_caps and item_caps.documentation_format
+                        and t.MarkupKind.Markdown in item_caps.documentation_format)
+        items = []
+        for i, s in enumerate(texts):
+            label = (word + s).strip().splitlines()[0][:60] if (word + s).strip() else s
+            items.append(t.CompletionItem(
+                label=label, kind=t.CompletionItemKind.Snippet, detail="Gemma",
+                sort_text=f"0{i}", filter_text=word + s, preselect=i == 0,
+                insert_text_format=t.InsertTextFormat.PlainText,
+                text_edit=t.TextEdit(range=t.Range(start, params.position), new_text=word + s),
+                documentation=t.MarkupContent(kind=t.MarkupKind.Markdown,
+                                              value=f"```{doc.language_id}\n{word + s}\n```")
+                if markdown else word + s,
+            ))
+        return t.CompletionList(is_incomplete=True, items=items)
+
+    @server.feature(
+        t.TEXT_DOCUMENT_CODE_ACTION,
+        t.CodeActionOptions(resolve_provider=True,
+                            code_action_kinds=sorted({k for _, k in KINDS.values()})),
+    )
+    def code_action(ls: GemmaServer, params: t.CodeActionParams) -> list[t.CodeAction]:
+        return ls.actions.offer(params)
+
+    @server.feature(t.CODE_ACTION_RESOLVE)
+    async def code_action_resolve(ls: GemmaServer, action: t.CodeAction) -> t.CodeAction:
+        try:
+            return await ls.actions.resolve(action)
+        except ActionError as e:
+            from pygls.exceptions import JsonRpcContentModified
+
+            raise JsonRpcContentModified(str(e)) from e
+
+    for name in COMMANDS:
+        def make(cmd: str) -> Any:
+            async def run(ls: GemmaServer, *args: Any) -> Any:
+                try:
+                    return await ls.commands.execute(
+                        t.ExecuteCommandParams(command=cmd, arguments=list(args))
+                    )
+                except ActionError as e:
+                    from pygls.exceptions import JsonRpcInvalidParams
+
+                    raise JsonRpcInvalidParams(str(e)) from e
+            return run
+        server.command(name)(make(name))
+
+    @server.feature(t.WINDOW_WORK_DONE_PROGRESS_CANCEL)
+    def progress_cancel(ls: GemmaServer, params: t.WorkDoneProgressCancelParams) -> None:
+        ls.commands.cancel_progress(params.token)
+
+    @server.feature(t.SHUTDOWN)
+    def shutdown(ls: GemmaServer, *args: Any) -> None:
+        ls.commands.cancel_all()
+        if ls._backend is not None:
+            ls._backend.close()  # the engine itself stays up for other editors
+
+    return server
+
+
+def serve(tcp: str | None = None) -> int:
+    server = create_server()
+    if tcp:
+        host, _, port = tcp.rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"--tcp wants HOST:PORT, got {tcp!r}")
+        server.start_tcp(host or "127.0.0.1", int(port))
+    else:
+        server.start_io()
+    return 0

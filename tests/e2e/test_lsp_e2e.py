@@ -1,0 +1,294 @@
+"""The real server over stdio, the real engine daemon and the shipped model, driven by pytest-lsp
+with the client capabilities of VS Code, Neovim and Emacs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_lsp
+from lsprotocol import types as t
+from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
+
+RUNTIME = Path(tempfile.gettempdir()) / f"glsp-e2e-{os.getpid()}"
+ENV = dict(os.environ, GEMMA_LSP_RUNTIME_DIR=str(RUNTIME), PYTHONUNBUFFERED="1")
+INIT = {"gemma": {"completion": {"debounceMs": 0, "maxTokens": 24, "warmAfterMs": 0},
+                  "actions": {"maxTokens": 96, "temperature": 0}}}
+URI = "file:///tmp/e2e/account.py"
+CODE = (Path(__file__).resolve().parents[2] / "examples" / "sample.py").read_text()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def daemon() -> Iterator[None]:
+    """One engine daemon for the module (the servers would autostart it; this makes its
+    lifetime and log explicit)."""
+    RUNTIME.mkdir(mode=0o700, exist_ok=True)
+    log = (RUNTIME / "test-daemon.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gemma_lsp", "engine", "--no-persist", "--idle-timeout", "0"],
+        env=ENV, stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 180
+    while not (RUNTIME / "engine.sock").exists():
+        assert proc.poll() is None, (RUNTIME / "test-daemon.log").read_text()
+        assert time.monotonic() < deadline, "engine did not start"
+        time.sleep(0.1)
+    yield
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    shutil.rmtree(RUNTIME, ignore_errors=True)
+
+
+@pytest_lsp.fixture(
+    params=["visual-studio-code", "neovim", "emacs"],
+    config=ClientServerConfig(server_command=[sys.executable, "-m", "gemma_lsp"], server_env=ENV),
+)
+async def client(lsp_client: LanguageClient, request: pytest.FixtureRequest) -> Any:
+    applied: list[t.ApplyWorkspaceEditParams] = []
+    lsp_client.applied_edits = applied  # type: ignore[attr-defined]
+
+    @lsp_client.feature(t.WORKSPACE_APPLY_EDIT)
+    def apply_edit(params: t.ApplyWorkspaceEditParams) -> t.ApplyWorkspaceEditResult:
+        applied.append(params)
+        return t.ApplyWorkspaceEditResult(applied=True)
+
+    caps = client_capabilities(request.param)
+    lsp_client.caps = caps  # type: ignore[attr-defined]
+    await lsp_client.initialize_session(
+        t.InitializeParams(capabilities=caps, initialization_options=INIT, root_uri="file:///tmp")
+    )
+    yield
+    await lsp_client.shutdown_session()
+
+
+def open_doc(client: LanguageClient, text: str = CODE, uri: str = URI, version: int = 1) -> None:
+    client.text_document_did_open(t.DidOpenTextDocumentParams(
+        t.TextDocumentItem(uri=uri, language_id="python", version=version, text=text)))
+
+
+def end_of(text: str) -> t.Position:
+    lines = text.split("\n")
+    return t.Position(len(lines) - 1, len(lines[-1]))
+
+
+def expected_completion(text: str) -> str:
+    """What the engine gives for the prompt the server builds (greedy), trimmed the same way."""
+    from engine.protocol import Done, Token
+    from gemma_lsp.config import parse_options
+    from gemma_lsp.context import build_context
+    from gemma_lsp.documents import Document
+    from gemma_lsp.engine_client import EngineClient
+    from gemma_lsp.postprocess import finalize, should_stop_early
+    from gemma_lsp.prompts import completion_prompt, template_for_model
+
+    opts, _ = parse_options(INIT)
+    doc = Document(URI, text, 1, "python")
+    ctx = build_context(doc, len(text), None, opts.completion.budgets())
+    prompt, stop = completion_prompt(ctx, template_for_model("gemma-3-270m"))
+    os.environ["GEMMA_LSP_RUNTIME_DIR"] = str(RUNTIME)
+    ec = EngineClient(autostart=False)
+    try:
+        handle = ec.generate(prompt, max_tokens=opts.completion.max_tokens, stop=stop)
+        out = ""
+        while True:
+            msg = handle.next(120)
+            if isinstance(msg, Token):
+                out += msg.text
+                if should_stop_early(out, ctx, opts.completion.max_lines):
+                    handle.cancel()
+                    break
+            else:
+                assert isinstance(msg, Done)
+                out += msg.tail
+                break
+    finally:
+        ec.close()
+    return (finalize([out], ctx, opts.completion.max_lines) or [""])[0]
+
+
+async def test_inline_completion_is_the_engines_completion(client: LanguageClient) -> None:
+    open_doc(client)
+    res = await client.text_document_inline_completion_async(t.InlineCompletionParams(
+        text_document=t.TextDocumentIdentifier(URI), position=end_of(CODE),
+        context=t.InlineCompletionContext(trigger_kind=t.InlineCompletionTriggerKind.Invoked)))
+    assert res is not None and len(res.items) == 1
+    text = res.items[0].insert_text
+    assert isinstance(text, str) and text.strip()
+    assert text == await asyncio.to_thread(expected_completion, CODE)
+
+
+async def test_typed_ahead_reuses_the_suggestion(client: LanguageClient) -> None:
+    open_doc(client)
+    pos = end_of(CODE)
+    first = await client.text_document_inline_completion_async(t.InlineCompletionParams(
+        text_document=t.TextDocumentIdentifier(URI), position=pos,
+        context=t.InlineCompletionContext(trigger_kind=t.InlineCompletionTriggerKind.Automatic)))
+    assert first is not None and first.items
+    suggestion = str(first.items[0].insert_text)
+    typed = suggestion[:2]
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        t.VersionedTextDocumentIdentifier(uri=URI, version=2),
+        [t.TextDocumentContentChangePartial(range=t.Range(pos, pos), text=typed)]))
+    after = t.Position(pos.line, pos.character + len(typed))
+    t0 = time.perf_counter()
+    second = await client.text_document_inline_completion_async(t.InlineCompletionParams(
+        text_document=t.TextDocumentIdentifier(URI), position=after,
+        context=t.InlineCompletionContext(trigger_kind=t.InlineCompletionTriggerKind.Automatic)))
+    assert second is not None and second.items
+    assert second.items[0].insert_text == suggestion[2:]
+    status = await client.workspace_execute_command_async(
+        t.ExecuteCommandParams(command="gemma.status"))
+    assert status["state"] == "running" and (time.perf_counter() - t0) < 60
+
+
+async def test_completion_fallback_carries_the_suggestion(client: LanguageClient) -> None:
+    open_doc(client)
+    res = await client.text_document_completion_async(t.CompletionParams(
+        text_document=t.TextDocumentIdentifier(URI), position=end_of(CODE)))
+    assert res is not None
+    items = res.items if isinstance(res, t.CompletionList) else res
+    assert len(items) == 1 and items[0].text_edit is not None
+    assert items[0].text_edit.new_text.strip()
+
+
+def _range(l0: int, l1: int) -> t.Range:
+    return t.Range(t.Position(l0, 0), t.Position(l1, 0))
+
+
+BUGGY_URI = "file:///tmp/e2e/stats.py"
+BUGGY = "import math\n\n\ndef mean(xs):\n    return sum(xs) / len(x)\n"
+
+
+async def test_code_actions_resolve_to_applicable_edits(client: LanguageClient) -> None:
+    open_doc(client)
+    open_doc(client, BUGGY, uri=BUGGY_URI)
+    actions = await client.text_document_code_action_async(t.CodeActionParams(
+        text_document=t.TextDocumentIdentifier(URI), range=_range(8, 12),
+        context=t.CodeActionContext(diagnostics=[])))
+    diag = t.Diagnostic(range=_range(4, 5), message="undefined name 'x'",
+                        severity=t.DiagnosticSeverity.Error)
+    fixes = await client.text_document_code_action_async(t.CodeActionParams(
+        text_document=t.TextDocumentIdentifier(BUGGY_URI), range=_range(4, 4),
+        context=t.CodeActionContext(diagnostics=[diag])))
+    assert actions is not None and fixes is not None
+    kinds = {a.data["kind"] for a in actions if isinstance(a, t.CodeAction)}
+    assert kinds == {"explain", "refactor", "docstring"}
+    fixes = [a for a in fixes if isinstance(a, t.CodeAction) and a.data["kind"] == "fix"]
+    assert len(fixes) == 1
+    lines = CODE.split("\n")
+    for action in [*actions, *fixes]:
+        assert isinstance(action, t.CodeAction) and action.edit is None  # listing is instant
+        resolved = await client.code_action_resolve_async(action)
+        if action.data["kind"] == "explain":
+            assert resolved.command is not None and resolved.command.command == "gemma.explain"
+            continue
+        assert resolved.edit is not None and resolved.edit.document_changes
+        change = resolved.edit.document_changes[0]
+        assert isinstance(change, t.TextDocumentEdit)
+        assert change.text_document.version == 1
+        (edit,) = change.edits
+        assert isinstance(edit, t.TextEdit)
+        assert 0 <= edit.range.start.line <= edit.range.end.line <= len(lines)
+
+
+async def test_stale_version_is_refused(client: LanguageClient) -> None:
+    open_doc(client)
+    (action,) = [a for a in await client.text_document_code_action_async(t.CodeActionParams(
+        text_document=t.TextDocumentIdentifier(URI), range=_range(8, 12),
+        context=t.CodeActionContext(diagnostics=[]))) or []
+        if isinstance(a, t.CodeAction) and a.data["kind"] == "refactor"]
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        t.VersionedTextDocumentIdentifier(uri=URI, version=2),
+        [t.TextDocumentContentChangePartial(range=_range(0, 0), text="# edited\n")]))
+    with pytest.raises(Exception, match="changed since"):
+        await client.code_action_resolve_async(action)
+
+
+async def test_explain_streams_progress(client: LanguageClient) -> None:
+    open_doc(client)
+    result = await client.workspace_execute_command_async(t.ExecuteCommandParams(
+        command="gemma.explain", arguments=[URI, {"start": {"line": 8, "character": 0},
+                                                  "end": {"line": 12, "character": 0}}]))
+    assert isinstance(result, str) and result.strip()
+    caps = client.caps  # type: ignore[attr-defined]
+    reports = [r for rs in client.progress_reports.values() for r in rs
+               if isinstance(r, t.WorkDoneProgressReport)]
+    if caps.window and caps.window.work_done_progress:
+        assert len(reports) >= 2  # the text so far, streamed
+        assert all(r.message for r in reports)
+        assert reports[-1].message.strip() == result
+        assert len(reports[0].message) < len(reports[-1].message)
+    else:
+        assert not reports  # never sent to a client that cannot show it
+
+
+async def test_refactor_command_applies_a_versioned_edit(client: LanguageClient) -> None:
+    open_doc(client)
+    res = await client.workspace_execute_command_async(t.ExecuteCommandParams(
+        command="gemma.refactor",
+        arguments=[URI, {"start": {"line": 8, "character": 0}, "end": {"line": 12, "character": 0}},
+                   "use a guard clause"]))
+    assert res["applied"] is True
+    assert client.applied_edits  # type: ignore[attr-defined]
+
+
+async def test_cancel_stops_engine_work(client: LanguageClient) -> None:
+    open_doc(client)
+    task = asyncio.ensure_future(client.workspace_execute_command_async(t.ExecuteCommandParams(
+        command="gemma.explain", arguments=[URI, {"start": {"line": 0, "character": 0},
+                                                  "end": {"line": 14, "character": 0}}])))
+    await asyncio.sleep(1.0)
+    cancelled = await client.workspace_execute_command_async(
+        t.ExecuteCommandParams(command="gemma.cancel"))
+    assert cancelled["cancelled"] == 1
+    with pytest.raises(Exception, match="[Cc]ancel"):
+        await task  # the explain request ends with a cancellation error
+    for _ in range(50):  # the engine's queue drains: nothing keeps decoding for us
+        status = await client.workspace_execute_command_async(
+            t.ExecuteCommandParams(command="gemma.status"))
+        if not status.get("queue"):
+            break
+        await asyncio.sleep(0.2)
+    assert not status.get("queue")
+
+
+async def test_bad_inputs_keep_the_server_serving(client: LanguageClient) -> None:
+    open_doc(client)
+    # a position past the end is clamped
+    far = await client.text_document_inline_completion_async(t.InlineCompletionParams(
+        text_document=t.TextDocumentIdentifier(URI), position=t.Position(9999, 9999),
+        context=t.InlineCompletionContext(trigger_kind=t.InlineCompletionTriggerKind.Invoked)))
+    assert far is not None
+    # an unknown document gives no result
+    none = await client.text_document_inline_completion_async(t.InlineCompletionParams(
+        text_document=t.TextDocumentIdentifier("file:///nope.py"), position=t.Position(0, 0),
+        context=t.InlineCompletionContext(trigger_kind=t.InlineCompletionTriggerKind.Invoked)))
+    assert none is None or not none.items
+    # binary and huge files are skipped
+    open_doc(client, "abc\x00def", uri="file:///tmp/e2e/blob.bin")
+    open_doc(client, "x = 1\n" * 3_500_000, uri="file:///tmp/e2e/huge.py")
+    for uri in ("file:///tmp/e2e/blob.bin", "file:///tmp/e2e/huge.py"):
+        res = await client.text_document_inline_completion_async(t.InlineCompletionParams(
+            text_document=t.TextDocumentIdentifier(uri), position=t.Position(0, 3),
+            context=t.InlineCompletionContext(trigger_kind=t.InlineCompletionTriggerKind.Invoked)))
+        assert res is None or not res.items
+    # unknown commands are an error reply
+    with pytest.raises(Exception, match="not defined"):
+        await client.workspace_execute_command_async(t.ExecuteCommandParams(command="gemma.nope"))
+    # and the server still completes
+    again = await client.text_document_inline_completion_async(t.InlineCompletionParams(
+        text_document=t.TextDocumentIdentifier(URI), position=end_of(CODE),
+        context=t.InlineCompletionContext(trigger_kind=t.InlineCompletionTriggerKind.Invoked)))
+    assert again is not None and again.items
