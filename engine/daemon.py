@@ -33,6 +33,7 @@ class DaemonOptions:
     model: str | None = None  # None: the embedded model
     threads: int | None = None
     persist: bool = True
+    cache_file: Path | None = None  # None: in the user cache dir, named by model fingerprint
 
     def __post_init__(self) -> None:
         if self.idle_timeout_s < 0:
@@ -184,6 +185,8 @@ class Daemon:
 
     @property
     def cache_file(self) -> Path:
+        if self.opts.cache_file is not None:
+            return self.opts.cache_file
         return cache_root() / "prompt-cache" / f"{self.model.fingerprint[:16]}.safetensors"
 
     def save_cache(self) -> None:

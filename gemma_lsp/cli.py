@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit after this many seconds without clients (0 = never)")
     e.add_argument("--cache-mb", type=int, default=512, help="prompt cache budget in MB")
     e.add_argument("--no-persist", action="store_true", help="do not load/save the cache")
+    e.add_argument("--cache-file", type=Path, help="where the prompt cache is saved")
     _add_model_args(e)
 
     s = sub.add_parser("status", help="show the running engine's model, cache and speed")
@@ -162,6 +163,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
         opts = DaemonOptions(
             socket=args.socket, idle_timeout_s=args.idle_timeout, cache_mb=args.cache_mb,
             model=args.model, threads=args.threads, persist=not args.no_persist,
+            cache_file=args.cache_file,
         )
         return serve(opts)
     except ValueError as e:

@@ -1,0 +1,133 @@
+"""The scheduler in-process with the real model: the prompt cache changes nothing but speed;
+priorities, supersede and warm behave."""
+
+from __future__ import annotations
+
+import queue
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engine import protocol as P
+from engine.generate import GenerateOptions, Step, generate
+from engine.prompt_cache import PromptCache
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+
+BASE = (Path(__file__).resolve().parents[3] / "shared" / "bench" / "typing_base.py.txt")
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.q: queue.Queue[P.Message] = queue.Queue()
+
+    def send(self, msg: P.Message) -> None:
+        self.q.put(msg)
+
+    def until_end(self, req_id: int, timeout: float = 120) -> tuple[list[P.Token], P.Message]:
+        toks: list[P.Token] = []
+        while True:
+            msg = self.q.get(timeout=timeout)
+            if getattr(msg, "id", None) != req_id:
+                continue
+            if isinstance(msg, P.Token):
+                toks.append(msg)
+            else:
+                return toks, msg
+
+
+@pytest.fixture()
+def sched(model: Any) -> Iterator[Scheduler]:
+    c = model.config
+    s = Scheduler(model, PromptCache(c.n_layers, c.n_kv_heads, c.head_dim, 256 << 20),
+                  interactive_chunk=96, background_chunk=64)
+    s.start()
+    yield s
+    s.stop()
+
+
+def uncached(model: Any, prompt: str, n: int) -> tuple[list[int], list[list[tuple[int, float]]]]:
+    ids = model.tokenizer.encode(prompt)
+    opts = GenerateOptions(max_tokens=n, sampling=SamplingParams(), top_logprobs=5)
+    steps = [e for e in generate(model, ids, opts) if isinstance(e, Step)]
+    return [s.token_id for s in steps], [list(s.top) for s in steps]
+
+
+def test_random_edits_and_cursor_jumps_cached_equals_uncached(model: Any, sched: Scheduler) -> None:
+    if not BASE.exists():
+        pytest.skip(f"{BASE} not found")
+    rng = random.Random(7)
+    doc = BASE.read_text()[:1400]
+    client = Collector()
+    for i in range(8):
+        kind = rng.choice(["type", "edit", "jump"])
+        if kind == "type":
+            cursor = len(doc)
+            doc += rng.choice(["x", " = ", "\n    ", "def f(", "return "])
+            cursor = len(doc)
+        elif kind == "edit":
+            at = rng.randrange(len(doc))
+            doc = doc[:at] + rng.choice(["# note\n", "y", ""]) + doc[at + rng.randrange(3):]
+            cursor = at
+        else:
+            cursor = rng.randrange(len(doc))
+        prompt = doc[:cursor]
+        sched.submit(client, P.Generate(id=i, prompt=prompt, max_tokens=3, logprobs=5,
+                                        doc="d"))
+        toks, done = client.until_end(i)
+        assert isinstance(done, P.Done), done
+        want_ids, want_top = uncached(model, prompt, 3)
+        assert [t.token_id for t in toks] == want_ids, (kind, cursor)
+        for got, want in zip(toks, want_top, strict=True):
+            np.testing.assert_allclose([lp for _, lp in got.top], [lp for _, lp in want],
+                                       atol=1e-4)
+            assert [int(i) for i, _ in got.top] == [i for i, _ in want]
+    assert sched.cache.stats()["hit_rate"] > 0.5
+
+
+def test_newer_completion_supersedes_and_completions_overtake(model: Any,
+                                                               sched: Scheduler) -> None:
+    client = Collector()
+    text = BASE.read_text() if BASE.exists() else "def f(x):\n    return x\n" * 40
+    # a long explanation-like job at low priority, then two completions for one document
+    sched.submit(client, P.Generate(id=1, prompt=text, max_tokens=40, priority=10))
+    sched.submit(client, P.Generate(id=2, prompt=text[:300], max_tokens=2, doc="a"))
+    sched.submit(client, P.Generate(id=3, prompt=text[:310], max_tokens=2, doc="a"))
+    order = []
+    seen: dict[int, P.Message] = {}
+    while len(seen) < 3:
+        msg = client.q.get(timeout=120)
+        if isinstance(msg, P.Done | P.Error):
+            seen[msg.id] = msg
+            order.append(msg.id)
+    assert isinstance(seen[2], P.Error) and seen[2].code == P.E_SUPERSEDED
+    assert isinstance(seen[3], P.Done) and isinstance(seen[1], P.Done)
+    assert order.index(3) < order.index(1)  # the completion did not wait for the long job
+
+
+def test_warm_then_complete_evaluates_only_new_tokens(model: Any, sched: Scheduler) -> None:
+    client = Collector()
+    text = BASE.read_text() if BASE.exists() else "def f(x):\n    return x\n" * 40
+    sched.submit(client, P.Warm(id=1, prompt=text, doc="w"))
+    _, done = client.until_end(1)
+    assert isinstance(done, P.Done) and done.reason == "warmed"
+    sched.submit(client, P.Generate(id=2, prompt=text + "\n", max_tokens=1, doc="w"))
+    _, done = client.until_end(2)
+    assert isinstance(done, P.Done)
+    assert done.evaluated_tokens <= 3  # the new text (and a re-tokenized boundary token)
+    half = text[: len(text) // 2]
+    sched.submit(client, P.Generate(id=3, prompt=half, max_tokens=1, doc="w"))
+    _, done = client.until_end(3)
+    assert isinstance(done, P.Done) and done.evaluated_tokens <= 3  # mid-file: cached too
+
+
+def test_errors_are_replies(model: Any, sched: Scheduler) -> None:
+    client = Collector()
+    sched.submit(client, P.Generate(id=1, prompt="x", temperature=-1))
+    _, err = client.until_end(1)
+    assert isinstance(err, P.Error) and err.code == P.E_BAD_REQUEST and "temperature" in err.message
+    assert sched.cancel(client, 99) is False  # nothing to cancel is not an error
