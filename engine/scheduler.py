@@ -117,9 +117,9 @@ class Scheduler:
             if self._stopping:
                 _send(client, P.Error(msg.id, P.E_SHUTTING_DOWN, "the engine is shutting down"))
                 return
-            if job.doc and job.kind == "generate":
+            if job.doc:  # a newer completion (or warm) for a document replaces older ones
                 for old in self._jobs:
-                    if (old.client is client and old.doc == job.doc and old.kind == "generate"
+                    if (old.client is client and old.doc == job.doc and old.kind == job.kind
                             and not old.cancelled):
                         old.cancel_code = P.E_SUPERSEDED
                         superseded.append(old)
