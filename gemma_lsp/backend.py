@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -66,7 +66,7 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-async def astream(stream: Stream, poll_s: float = 60.0) -> AsyncIterator[str]:
+async def astream(stream: Stream, poll_s: float = 60.0) -> AsyncGenerator[str, None]:
     """Iterate a blocking Stream from asyncio; cancelling the task cancels the stream."""
     try:
         while True:

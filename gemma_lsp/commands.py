@@ -8,6 +8,7 @@ running request; gemma.status and gemma.restartEngine talk to the backend.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import tempfile
 import time
 import uuid
@@ -156,6 +157,10 @@ class CommandService:
             info = {"state": "unreachable", "error": str(e)}
         else:
             info["state"] = "running"
+        completion = getattr(self.ls, "completion", None)
+        if completion is not None:
+            info["lsp"] = dataclasses.asdict(completion.stats) | {
+                "last_latency_ms": round(completion.last_latency_ms, 1)}
         return info
 
     def _show_explanation(self, text: str) -> None:

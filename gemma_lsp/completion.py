@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gemma_lsp.backend import Backend, BackendError, astream
 from gemma_lsp.config import ServerOptions
@@ -58,6 +59,7 @@ class CompletionService:
         self._generation: dict[str, int] = {}  # uri -> newest request number
         self._shown: dict[str, _Shown] = {}
         self._warm_tasks: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self.last_latency_ms = 0.0
 
     def template(self) -> object:
@@ -107,7 +109,7 @@ class CompletionService:
         texts = []
         for i in range(max(1, opts.candidates)):
             temperature = opts.temperature if i == 0 else max(opts.temperature, 0.7)
-            text = await self._one(prompt, stop, ctx, uri, temperature, seed=i or None)
+            text = await self._one(prompt, stop, ctx, uri, before, temperature, seed=i or None)
             if text is None:
                 break
             texts.append(text)
@@ -119,25 +121,67 @@ class CompletionService:
         return result
 
     async def _one(self, prompt: str, stop: list[str], ctx: CompletionContext, uri: str,
-                   temperature: float, seed: int | None) -> str | None:
+                   before: str, temperature: float, seed: int | None) -> str | None:
+        """One suggestion. Past the latency budget it answers at the next line end and keeps
+        decoding in the background, so the typed-ahead path can serve the longer text."""
         opts = self.options().completion
         t0 = time.perf_counter()
+        budget = opts.latency_budget_ms / 1000 if opts.latency_budget_ms else float("inf")
+        pieces: AsyncGenerator[str, None] | None = None
         try:
             stream = await asyncio.to_thread(
                 self.backend().start, prompt, max_tokens=opts.max_tokens,
                 temperature=temperature, stop=stop, doc=uri, priority=0, seed=seed,
             )
             self.stats.engine_calls += 1
+            pieces = astream(stream)
             text = ""
-            async for piece in astream(stream):
+            async for piece in pieces:
                 text += piece
                 if should_stop_early(text, ctx, opts.max_lines):
-                    break  # astream cancels the engine work on exit
+                    break
+                waited = time.perf_counter() - t0
+                at_line_end = text.endswith("\n") or waited > 2 * budget
+                if waited > budget and at_line_end and text.strip() and temperature == 0:
+                    self.last_latency_ms = (time.perf_counter() - t0) * 1000
+                    self._spawn(self._finish_later(uri, ctx, before, pieces, text))
+                    pieces = None  # the background task owns (and closes) the stream now
+                    return text
         except BackendError as e:
             self.on_error(str(e))
             return None
+        finally:
+            if pieces is not None:
+                await pieces.aclose()  # cancels the engine work if it is still running
         self.last_latency_ms = (time.perf_counter() - t0) * 1000
         return text
+
+    async def _finish_later(self, uri: str, ctx: CompletionContext, before: str,
+                            pieces: AsyncGenerator[str, None], text: str) -> None:
+        """Keep decoding a suggestion already shown; extend it while the user has not moved."""
+        opts = self.options().completion
+        try:
+            async for piece in pieces:
+                text += piece
+                if should_stop_early(text, ctx, opts.max_lines):
+                    break
+        except BackendError:
+            return
+        finally:
+            await pieces.aclose()
+        shown = self._shown.get(uri)
+        longer = finalize([text], ctx, opts.max_lines)
+        if shown is None or shown.prefix != before or not longer:
+            return
+        # the user may have typed some of it meanwhile: keep what is still ahead of them
+        rest = [r for t in longer if (r := typed_ahead(t, before, shown.prefix))]
+        if rest:
+            self._shown[uri] = _Shown(shown.prefix, rest)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ warming
 

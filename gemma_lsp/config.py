@@ -44,6 +44,7 @@ class CompletionOptions:
     extras_tokens: int = 512
     chars_per_token: float = 3.5
     warm_after_ms: int = 600
+    latency_budget_ms: int = 250  # past it answer at a line end, past twice it at once; 0 = off
     disabled_languages: tuple[str, ...] = ()
 
     def budgets(self) -> Budgets:
@@ -181,6 +182,7 @@ _RULES: dict[type, dict[str, _Rule]] = {
         "extras_tokens": _int(0, 1_000_000),
         "chars_per_token": _float(0.5, 20.0),
         "warm_after_ms": _int(0, 3_600_000),
+        "latency_budget_ms": _int(0, 600_000),
         "disabled_languages": _str_list(),
     },
     ActionOptions: {
