@@ -21,7 +21,8 @@ from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
 
 RUNTIME = Path(tempfile.gettempdir()) / f"glsp-e2e-{os.getpid()}"
 ENV = dict(os.environ, GEMMA_LSP_RUNTIME_DIR=str(RUNTIME), PYTHONUNBUFFERED="1")
-INIT = {"gemma": {"completion": {"debounceMs": 0, "maxTokens": 24, "warmAfterMs": 0},
+INIT = {"gemma": {"completion": {"debounceMs": 0, "maxTokens": 24, "warmAfterMs": 0,
+                                 "latencyBudgetMs": 0},
                   "actions": {"maxTokens": 96, "temperature": 0}}}
 URI = "file:///tmp/e2e/account.py"
 CODE = (Path(__file__).resolve().parents[2] / "examples" / "sample.py").read_text()
@@ -127,6 +128,19 @@ async def test_inline_completion_is_the_engines_completion(client: LanguageClien
     text = res.items[0].insert_text
     assert isinstance(text, str) and text.strip()
     assert text == await asyncio.to_thread(expected_completion, CODE)
+
+
+async def test_latency_budget_answers_a_prefix_then_the_rest(client: LanguageClient) -> None:
+    open_doc(client)
+    settings = {"gemma": {"completion": {**INIT["gemma"]["completion"], "latencyBudgetMs": 1}}}
+    client.workspace_did_change_configuration(t.DidChangeConfigurationParams(settings=settings))
+    res = await client.text_document_inline_completion_async(t.InlineCompletionParams(
+        text_document=t.TextDocumentIdentifier(URI), position=end_of(CODE),
+        context=t.InlineCompletionContext(trigger_kind=t.InlineCompletionTriggerKind.Invoked)))
+    assert res is not None and res.items
+    quick = str(res.items[0].insert_text)
+    full = await asyncio.to_thread(expected_completion, CODE)
+    assert quick and full.startswith(quick)
 
 
 async def test_typed_ahead_reuses_the_suggestion(client: LanguageClient) -> None:
