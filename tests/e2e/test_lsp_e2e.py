@@ -49,6 +49,7 @@ def daemon() -> Iterator[None]:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+    subprocess.run(["pkill", "-f", str(RUNTIME)], check=False)  # engines started on demand
     shutil.rmtree(RUNTIME, ignore_errors=True)
 
 
@@ -306,3 +307,27 @@ async def test_bad_inputs_keep_the_server_serving(client: LanguageClient) -> Non
         text_document=t.TextDocumentIdentifier(URI), position=end_of(CODE),
         context=t.InlineCompletionContext(trigger_kind=t.InlineCompletionTriggerKind.Invoked)))
     assert again is not None and again.items
+
+
+async def test_dead_engine_is_a_clear_error_and_the_next_request_restarts_it(
+    client: LanguageClient,
+) -> None:
+    open_doc(client)
+    status = await client.workspace_execute_command_async(
+        t.ExecuteCommandParams(command="gemma.status"))
+    os.kill(int(status["pid"]), 9)
+    params = t.InlineCompletionParams(
+        text_document=t.TextDocumentIdentifier(URI), position=end_of(CODE),
+        context=t.InlineCompletionContext(trigger_kind=t.InlineCompletionTriggerKind.Invoked))
+    first = await client.text_document_inline_completion_async(params)
+    # answered (an empty result while the engine is down, or a result from a new engine)
+    for _ in range(3):  # the engine is started again on demand
+        res = await client.text_document_inline_completion_async(params)
+        if res is not None and res.items:
+            break
+    assert res is not None and res.items
+    after = await client.workspace_execute_command_async(
+        t.ExecuteCommandParams(command="gemma.status"))
+    assert after["state"] == "running" and after["pid"] != status["pid"]
+    if not (first is not None and first.items):
+        assert any("engine" in m.message.lower() for m in client.messages)
