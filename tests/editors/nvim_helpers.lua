@@ -1,0 +1,48 @@
+-- Loaded into the Neovim under test (tests/editors/test_nvim.py): small probes for --remote-expr.
+local gl = require("gemma_lsp")
+_G.T = {}
+function T.attached()
+  return #vim.lsp.get_clients({ bufnr = 0, name = "gemma_lsp" }) > 0
+end
+function T.ghost()
+  local ns = vim.api.nvim_get_namespaces()["gemma_lsp_ghost"]
+  local marks = ns and vim.api.nvim_buf_get_extmarks(0, ns, 0, -1, { details = true }) or {}
+  if not marks[1] then return "" end
+  local text = ""
+  for _, chunk in ipairs(marks[1][4].virt_text or {}) do text = text .. chunk[1] end
+  for _, line in ipairs(marks[1][4].virt_lines or {}) do text = text .. "\n" .. line[1][1] end
+  return text
+end
+function T.buffer()
+  return table.concat(vim.api.nvim_buf_get_lines(0, 0, -1, false), "\n")
+end
+function T.mode()
+  return vim.api.nvim_get_mode().mode
+end
+function T.explain()
+  local b = gl.explain_buffer()
+  return b and table.concat(vim.api.nvim_buf_get_lines(b, 0, -1, false), "\n") or ""
+end
+T.action_done = false
+-- resolve and apply the docstring code action for lines l1..l2 (0-based, end exclusive)
+function T.docstring_action(l1, l2)
+  T.action_done = false
+  local client = vim.lsp.get_clients({ bufnr = 0, name = "gemma_lsp" })[1]
+  local params = { textDocument = { uri = vim.uri_from_bufnr(0) },
+    range = { start = { line = l1, character = 0 }, ["end"] = { line = l2, character = 0 } },
+    context = { diagnostics = {} } }
+  client:request("textDocument/codeAction", params, function(_, actions)
+    local pick
+    for _, a in ipairs(actions or {}) do
+      if a.data and a.data.kind == "docstring" then pick = a end
+    end
+    client:request("codeAction/resolve", pick, function(err, resolved)
+      if resolved and resolved.edit then
+        vim.lsp.util.apply_workspace_edit(resolved.edit, client.offset_encoding)
+      end
+      T.action_error = err and err.message or ""
+      T.action_done = true
+    end, 0)
+  end, 0)
+  return true
+end

