@@ -1,0 +1,170 @@
+// gemma-lsp for VS Code: starts the server, passes settings, adds commands, a status bar item,
+// and shows explanations as they stream in ($/progress). No model or prompt logic lives here.
+import * as vscode from "vscode";
+import {
+  LanguageClient,
+  LanguageClientOptions,
+  ServerOptions,
+  TransportKind,
+} from "vscode-languageclient/node";
+
+let client: LanguageClient | undefined;
+let status: vscode.StatusBarItem;
+
+function settings(): Record<string, unknown> {
+  const c = vscode.workspace.getConfiguration("gemma");
+  return {
+    gemma: {
+      engine: { backend: c.get("engine.backend"), model: c.get("engine.model") },
+      completion: {
+        enabled: c.get("completion.enabled"),
+        disabledLanguages: c.get("completion.disabledLanguages"),
+        maxTokens: c.get("completion.maxTokens"),
+        maxLines: c.get("completion.maxLines"),
+        temperature: c.get("completion.temperature"),
+        debounceMs: c.get("completion.debounceMs"),
+        latencyBudgetMs: c.get("completion.latencyBudgetMs"),
+        prefixTokens: c.get("completion.prefixTokens"),
+        suffixTokens: c.get("completion.suffixTokens"),
+        extrasTokens: c.get("completion.extrasTokens"),
+      },
+      actions: {
+        enabled: c.get("actions.enabled"),
+        maxTokens: c.get("actions.maxTokens"),
+        temperature: c.get("actions.temperature"),
+      },
+    },
+  };
+}
+
+function selectionArgs(): [string, object] | undefined {
+  const editor = vscode.window.activeTextEditor;
+  if (!editor) {
+    vscode.window.showWarningMessage("Gemma: open a file and select some code first");
+    return undefined;
+  }
+  const s = editor.selection;
+  const range = {
+    start: { line: s.start.line, character: s.start.character },
+    end: { line: s.end.line, character: s.end.character },
+  };
+  return [editor.document.uri.toString(), range];
+}
+
+async function run(command: string, extra: unknown[] = []): Promise<unknown> {
+  if (!client) {
+    return undefined;
+  }
+  return client.sendRequest("workspace/executeCommand", { command, arguments: extra });
+}
+
+async function explain(): Promise<void> {
+  const args = selectionArgs();
+  if (!args) {
+    return;
+  }
+  // a markdown preview that fills in as the server reports the text so far
+  const doc = await vscode.workspace.openTextDocument({ language: "markdown", content: "…" });
+  await vscode.window.showTextDocument(doc, { viewColumn: vscode.ViewColumn.Beside, preview: true });
+  const show = async (text: string) => {
+    const edit = new vscode.WorkspaceEdit();
+    edit.replace(doc.uri, new vscode.Range(0, 0, doc.lineCount, 0), text);
+    await vscode.workspace.applyEdit(edit);
+  };
+  const sub = client?.onNotification("$/progress", (p: { value?: { kind?: string; message?: string } }) => {
+    if (p.value?.kind === "report" && p.value.message) {
+      void show(p.value.message);
+    }
+  });
+  try {
+    const result = await run("gemma.explain", args);
+    if (typeof result === "string") {
+      await show(result);
+    }
+  } finally {
+    sub?.dispose();
+  }
+}
+
+async function refreshStatus(): Promise<void> {
+  try {
+    const info = (await run("gemma.status")) as
+      | { state?: string; decode_tok_s?: number; model?: string }
+      | undefined;
+    if (info?.state === "running") {
+      status.text = `$(sparkle) Gemma ${info.decode_tok_s ?? 0} tok/s`;
+      status.tooltip = `gemma-lsp engine: ${info.model ?? ""}`;
+    } else {
+      status.text = "$(warning) Gemma";
+      status.tooltip = "gemma-lsp engine is not running";
+    }
+  } catch {
+    status.text = "$(warning) Gemma";
+  }
+}
+
+export async function activate(context: vscode.ExtensionContext): Promise<void> {
+  const cmd = vscode.workspace.getConfiguration("gemma").get<string[]>("serverCommand") ?? ["gemma-lsp"];
+  const serverOptions: ServerOptions = {
+    command: cmd[0],
+    args: cmd.slice(1),
+    transport: TransportKind.stdio,
+  };
+  const clientOptions: LanguageClientOptions = {
+    documentSelector: [{ scheme: "file" }, { scheme: "untitled" }],
+    initializationOptions: settings(),
+    synchronize: { configurationSection: "gemma" },
+  };
+  client = new LanguageClient("gemma-lsp", "Gemma LSP", serverOptions, clientOptions);
+  status = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
+  status.command = "gemma.showStatus";
+  status.text = "$(sync~spin) Gemma";
+  status.show();
+  context.subscriptions.push(
+    status,
+    vscode.commands.registerCommand("gemma.explainSelection", explain),
+    vscode.commands.registerCommand("gemma.refactorSelection", async () => {
+      const args = selectionArgs();
+      const instruction = await vscode.window.showInputBox({
+        prompt: "How should Gemma refactor the selection?",
+        placeHolder: "e.g. use a guard clause",
+      });
+      if (args && instruction !== undefined) {
+        await run("gemma.refactor", [...args, instruction]);
+      }
+    }),
+    vscode.commands.registerCommand("gemma.addDocstring", async () => {
+      const args = selectionArgs();
+      if (args) {
+        await run("gemma.docstring", args);
+      }
+    }),
+    vscode.commands.registerCommand("gemma.cancelAll", () => run("gemma.cancel")),
+    vscode.commands.registerCommand("gemma.restart", async () => {
+      await run("gemma.restartEngine");
+      await refreshStatus();
+    }),
+    vscode.commands.registerCommand("gemma.showStatus", async () => {
+      const info = await run("gemma.status");
+      await refreshStatus();
+      const doc = await vscode.workspace.openTextDocument({
+        language: "json",
+        content: JSON.stringify(info, null, 2),
+      });
+      await vscode.window.showTextDocument(doc, { preview: true });
+    }),
+    vscode.workspace.onDidChangeConfiguration((e) => {
+      if (e.affectsConfiguration("gemma") && client) {
+        void client.sendNotification("workspace/didChangeConfiguration", { settings: settings() });
+      }
+    }),
+  );
+  await client.start();
+  await refreshStatus();
+  const timer = setInterval(() => void refreshStatus(), 15000);
+  context.subscriptions.push({ dispose: () => clearInterval(timer) });
+}
+
+export async function deactivate(): Promise<void> {
+  await client?.stop();
+}
