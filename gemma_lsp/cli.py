@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-lsp", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     parser.add_argument("--tcp", metavar="HOST:PORT", help="serve LSP over TCP instead of stdio")
+    # what language clients pass by convention (vscode-languageclient: --stdio)
+    parser.add_argument("--stdio", action="store_true", help="serve LSP on stdio (the default)")
+    parser.add_argument("--clientProcessId", help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command")
 
     g = sub.add_parser("generate", help="complete a prompt with the local model")

@@ -148,6 +148,7 @@ def create_server(backend_factory: Any = None) -> GemmaServer:
                 label=label, kind=t.CompletionItemKind.Snippet, detail="Gemma",
                 sort_text=f"0{i}", filter_text=word + s, preselect=i == 0,
                 insert_text_format=t.InsertTextFormat.PlainText,
+                insert_text_mode=t.InsertTextMode.AsIs,  # the model already indented it
                 text_edit=t.TextEdit(range=t.Range(start, params.position), new_text=word + s),
                 documentation=t.MarkupContent(kind=t.MarkupKind.Markdown,
                                               value=f"```{doc.language_id}\n{word + s}\n```")

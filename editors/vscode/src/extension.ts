@@ -113,7 +113,6 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   const clientOptions: LanguageClientOptions = {
     documentSelector: [{ scheme: "file" }, { scheme: "untitled" }],
     initializationOptions: settings(),
-    synchronize: { configurationSection: "gemma" },
   };
   client = new LanguageClient("gemma-lsp", "Gemma LSP", serverOptions, clientOptions);
   status = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
