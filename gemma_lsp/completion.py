@@ -34,6 +34,15 @@ class _Shown:
 
 
 @dataclass
+class _Inflight:
+    """A completion being computed, shared by every request for the same text and cursor."""
+
+    key: tuple[int, int, int]  # document version, cursor offset, text length
+    task: asyncio.Task[list[str]]
+    waiters: int = 0
+
+
+@dataclass
 class Stats:
     requests: int = 0
     typed_ahead: int = 0
@@ -58,6 +67,7 @@ class CompletionService:
         self.stats = Stats()
         self._generation: dict[str, int] = {}  # uri -> newest request number
         self._shown: dict[str, _Shown] = {}
+        self._inflight: dict[str, _Inflight] = {}
         self._warm_tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self.last_latency_ms = 0.0
@@ -77,12 +87,48 @@ class CompletionService:
         return completion_prompt(ctx, self.template())  # type: ignore[arg-type]
 
     async def complete(self, uri: str, offset: int) -> list[str]:
-        """Suggestions for the cursor at `offset` of `uri` (empty when there is nothing good)."""
+        """Suggestions for the cursor at `offset` of `uri` (empty when there is nothing good).
+
+        Requests for the same document text and cursor share one computation: editors send
+        `inlineCompletion` and `completion` for the same keystroke, and re-ask after a
+        cancel; neither may supersede the other."""
+        doc = self.store.get(uri)
+        if doc is None or doc.skipped or not self.options().completion.enabled_for(
+            doc.language_id
+        ):
+            return []
+        key = (doc.version, offset, len(doc.text))
+        flight = self._inflight.get(uri)
+        if flight is None or flight.key != key or flight.task.done():
+            self.stats.requests += 1
+            flight = _Inflight(key, asyncio.get_running_loop().create_task(
+                self._complete(uri, offset)))
+            self._inflight[uri] = flight
+        flight.waiters += 1
+        t0 = time.perf_counter()
+        try:
+            result = list(await asyncio.shield(flight.task))
+            log.info("completion %s@%d: %d suggestion(s) in %.0f ms%s", uri, offset,
+                     len(result), (time.perf_counter() - t0) * 1000,
+                     " (shared)" if flight.waiters > 1 else "")
+            return result
+        except asyncio.CancelledError:
+            log.info("completion %s@%d: cancelled by the client", uri, offset)
+            if flight.waiters == 1 and not flight.task.done():
+                flight.task.cancel()  # nobody else wants it
+                if self._inflight.get(uri) is flight:
+                    del self._inflight[uri]
+            raise
+        finally:
+            flight.waiters -= 1
+            if self._inflight.get(uri) is flight and flight.task.done():
+                del self._inflight[uri]
+
+    async def _complete(self, uri: str, offset: int) -> list[str]:
         opts = self.options().completion
         doc = self.store.get(uri)
-        if doc is None or doc.skipped or not opts.enabled_for(doc.language_id):
+        if doc is None:
             return []
-        self.stats.requests += 1
         gen = self._generation[uri] = self._generation.get(uri, 0) + 1
         before = doc.text[:offset]
 
@@ -99,10 +145,12 @@ class CompletionService:
         await asyncio.sleep(opts.debounce_ms / 1000)
         if self._generation.get(uri) != gen:
             self.stats.superseded += 1
+            log.info("completion %s@%d: superseded by a newer request", uri, offset)
             return []
         doc = self.store.get(uri)
         if doc is None or doc.text[:offset] != before:
-            return []  # the document changed under us: the client will ask again
+            log.info("completion %s@%d: the document changed meanwhile", uri, offset)
+            return []  # the client will ask again
 
         ctx = self.context(doc, offset)
         prompt, stop = self.prompt(ctx)
@@ -217,6 +265,9 @@ class CompletionService:
 
     def forget(self, uri: str) -> None:
         self._shown.pop(uri, None)
+        flight = self._inflight.pop(uri, None)
+        if flight is not None:
+            flight.task.cancel()
         self._generation.pop(uri, None)
         task = self._warm_tasks.pop(uri, None)
         if task is not None:

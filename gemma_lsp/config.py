@@ -31,6 +31,9 @@ BACKENDS: tuple[str, ...] = ("builtin", "openai")
 SECTION_NAMES = ("gemma", "gemmaLsp", "gemma_lsp", "gemma-lsp")
 
 
+CLASSIC_MODES = ("auto", "always", "never")
+
+
 @dataclass(frozen=True)
 class CompletionOptions:
     enabled: bool = True
@@ -46,6 +49,9 @@ class CompletionOptions:
     warm_after_ms: int = 600
     latency_budget_ms: int = 250  # past it answer at a line end, past twice it at once; 0 = off
     disabled_languages: tuple[str, ...] = ()
+    # classic `textDocument/completion` items: "auto" offers them only to clients without
+    # inline completion (a client with both would show every suggestion twice)
+    classic: str = "auto"
 
     def budgets(self) -> Budgets:
         return Budgets(
@@ -184,6 +190,7 @@ _RULES: dict[type, dict[str, _Rule]] = {
         "warm_after_ms": _int(0, 3_600_000),
         "latency_budget_ms": _int(0, 600_000),
         "disabled_languages": _str_list(),
+        "classic": _choice(CLASSIC_MODES),
     },
     ActionOptions: {
         "enabled": _bool(),

@@ -62,6 +62,14 @@ class GemmaServer(LanguageServer):
         except Exception:  # noqa: BLE001 - before initialize there is no client to tell
             log.info("%s", message)
 
+    def classic_completion(self) -> bool:
+        """Whether `textDocument/completion` carries suggestions (see `completion.classic`)."""
+        mode = self.options.completion.classic
+        if mode != "auto":
+            return mode == "always"
+        caps = self.client_capabilities.text_document
+        return caps is None or caps.inline_completion is None
+
     def engine_error(self, message: str) -> None:
         """Tell the user once per distinct failure; the next request retries the engine."""
         log.warning("engine: %s", message)
@@ -128,7 +136,7 @@ def create_server(backend_factory: Any = None) -> GemmaServer:
                     t.CompletionOptions(trigger_characters=[".", "(", " ", "\n"]))
     async def completion(ls: GemmaServer, params: t.CompletionParams) -> t.CompletionList | None:
         doc = ls.store.get(params.text_document.uri)
-        if doc is None:
+        if doc is None or not ls.classic_completion():
             return None
         offset = doc.offset_at(params.position)
         texts = await ls.completion.complete(doc.uri, offset)

@@ -331,3 +331,53 @@ async def test_dead_engine_is_a_clear_error_and_the_next_request_restarts_it(
     assert after["state"] == "running" and after["pid"] != status["pid"]
     if not (first is not None and first.items):
         assert any("engine" in m.message.lower() for m in client.messages)
+
+
+@pytest_lsp.fixture(
+    config=ClientServerConfig(server_command=[sys.executable, "-m", "gemma_lsp"], server_env=ENV),
+)
+async def inline_client(lsp_client: LanguageClient) -> Any:
+    """VS Code as it is today: it has both inline completion and the suggest widget."""
+    caps = client_capabilities("visual-studio-code")
+    assert caps.text_document is not None
+    caps.text_document.inline_completion = t.InlineCompletionClientCapabilities()
+    await lsp_client.initialize_session(
+        t.InitializeParams(capabilities=caps, initialization_options=INIT, root_uri="file:///tmp")
+    )
+    yield
+    await lsp_client.shutdown_session()
+
+
+async def test_a_client_with_inline_completion_gets_one_suggestion_not_two(
+    inline_client: LanguageClient,
+) -> None:
+    open_doc(inline_client)
+    pos = end_of(CODE)
+    # both requests for one keystroke, as VS Code sends them
+    inline = inline_client.text_document_inline_completion_async(t.InlineCompletionParams(
+        text_document=t.TextDocumentIdentifier(URI), position=pos,
+        context=t.InlineCompletionContext(trigger_kind=t.InlineCompletionTriggerKind.Automatic)))
+    classic = inline_client.text_document_completion_async(t.CompletionParams(
+        text_document=t.TextDocumentIdentifier(URI), position=pos))
+    res, menu = await asyncio.gather(inline, classic)
+    assert res is not None and res.items and str(res.items[0].insert_text).strip()
+    assert menu is None or not (menu.items if isinstance(menu, t.CompletionList) else menu)
+    # with `classic: always` the menu carries the same suggestion, from the same generation
+    settings = {"gemma": {"completion": {**INIT["gemma"]["completion"], "classic": "always"}}}
+    inline_client.workspace_did_change_configuration(
+        t.DidChangeConfigurationParams(settings=settings))
+    inline_client.text_document_did_change(t.DidChangeTextDocumentParams(
+        t.VersionedTextDocumentIdentifier(uri=URI, version=2),
+        [t.TextDocumentContentChangePartial(range=t.Range(pos, pos), text="\n")]))
+    pos2 = t.Position(pos.line + 1, 0)
+    res2, menu2 = await asyncio.gather(
+        inline_client.text_document_inline_completion_async(t.InlineCompletionParams(
+            text_document=t.TextDocumentIdentifier(URI), position=pos2,
+            context=t.InlineCompletionContext(
+                trigger_kind=t.InlineCompletionTriggerKind.Automatic))),
+        inline_client.text_document_completion_async(t.CompletionParams(
+            text_document=t.TextDocumentIdentifier(URI), position=pos2)))
+    assert res2 is not None and res2.items
+    items = menu2.items if isinstance(menu2, t.CompletionList) else (menu2 or [])
+    assert items and items[0].text_edit is not None
+    assert items[0].text_edit.new_text.endswith(str(res2.items[0].insert_text))
