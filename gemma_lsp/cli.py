@@ -24,6 +24,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-lsp", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="append the log to PATH instead of stderr (with -v: every request)")
     parser.add_argument("--tcp", metavar="HOST:PORT", help="serve LSP over TCP instead of stdio")
     # what language clients pass by convention (vscode-languageclient: --stdio)
     parser.add_argument("--stdio", action="store_true", help="serve LSP on stdio (the default)")
@@ -205,11 +207,19 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        handler: logging.Handler = (logging.FileHandler(args.log_file) if args.log_file
+                                    else logging.StreamHandler(sys.stderr))
+    except OSError as e:
+        print(f"gemma-lsp: error: cannot write the log file: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
-        format="gemma-lsp: %(levelname)s %(message)s",
-        stream=sys.stderr,
+        format="%(asctime)s gemma-lsp: %(levelname)s %(message)s" if args.log_file
+        else "gemma-lsp: %(levelname)s %(message)s",
+        handlers=[handler],
     )
+    logging.getLogger("pygls").setLevel(logging.WARNING)  # -v is about us, not every message
     try:
         if args.command is None:
             return cmd_serve(args)

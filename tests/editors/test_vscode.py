@@ -54,7 +54,8 @@ def test_ghost_text_tab_docstring_and_refactor_in_vscode(tmp_path: Path) -> None
         "workbench.startupEditor": "none", "chat.disableAIFeatures": True,
         "security.workspace.trust.enabled": False, "editor.inlineSuggest.enabled": True,
         "extensions.autoUpdate": False, "telemetry.telemetryLevel": "off",
-        "gemma.serverCommand": [sys.executable, "-m", "gemma_lsp"],
+        "gemma.serverCommand": [sys.executable, "-m", "gemma_lsp", "-v", "--log-file",
+                                str(tmp_path / "server.log")],
         "gemma.completion.debounceMs": 0, "gemma.completion.latencyBudgetMs": 0,
         "gemma.completion.maxTokens": 16, "gemma.actions.maxTokens": 64,
         "gemma.actions.temperature": 0,
@@ -90,7 +91,9 @@ def test_ghost_text_tab_docstring_and_refactor_in_vscode(tmp_path: Path) -> None
         subprocess.run(["pkill", "-f", str(run)], check=False)
         shutil.rmtree(run, ignore_errors=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert "error" not in res, (res["error"], res["steps"], out.stderr[-2000:])
+    log = (tmp_path / "server.log").read_text() if (tmp_path / "server.log").exists() else ""
+    print("steps:", res["steps"], "\nserver log:\n" + log[-3000:])
+    assert "error" not in res, (res["error"], res["steps"], out.stderr[-2000:], log[-3000:])
     assert res["ghost_text"], res
     text = src.read_text()
     original = (ROOT / "examples" / "sample.py").read_text()
