@@ -4,7 +4,6 @@ runs in `codeAction/resolve` (or the matching command) and edits are minimal and
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from typing import Any
 
 from lsprotocol import types as t
 
-from gemma_lsp.backend import Backend, BackendError, astream
+from gemma_lsp.backend import Backend, BackendError, astart, astream
 from gemma_lsp.config import ServerOptions
 from gemma_lsp.context import CompletionContext, build_context
 from gemma_lsp.documents import Document, DocumentStore
@@ -63,6 +62,18 @@ class Selection:
         return self.doc.text[self.start : self.end]
 
 
+ACTION_COMMANDS = {"explain": "gemma.explain", "refactor": "gemma.refactor",
+                   "docstring": "gemma.docstring", "fix": "gemma.fix"}
+
+
+def _action(title: str, kind: str, data: dict[str, Any], lazy: bool,
+            diagnostics: list[t.Diagnostic] | None = None) -> t.CodeAction:
+    if lazy:
+        return t.CodeAction(title=title, kind=kind, diagnostics=diagnostics, data=data)
+    command = t.Command(title, ACTION_COMMANDS[data["kind"]], arguments=[data])
+    return t.CodeAction(title=title, kind=kind, diagnostics=diagnostics, command=command)
+
+
 def select_lines(doc: Document, rng: t.Range) -> Selection:
     """The selection grown to whole lines (the cursor's line when it is empty)."""
     a, b = doc.range_offsets(rng)
@@ -88,7 +99,9 @@ class ActionService:
 
     # ------------------------------------------------------------------ listing
 
-    def offer(self, params: t.CodeActionParams) -> list[t.CodeAction]:
+    def offer(self, params: t.CodeActionParams, lazy: bool = True) -> list[t.CodeAction]:
+        """The actions for a range. `lazy`: the client resolves edits (`codeAction/resolve`);
+        otherwise each action carries a command that computes and applies its edit."""
         doc = self.store.get(params.text_document.uri)
         if doc is None or doc.skipped or not self.options().actions.enabled:
             return []
@@ -99,16 +112,14 @@ class ActionService:
             title, code_kind = KINDS[kind]
             if only and not any(str(code_kind).startswith(str(k)) for k in only):
                 continue
-            out.append(t.CodeAction(title=title, kind=code_kind, data=base | {"kind": kind}))
+            out.append(_action(title, code_kind, base | {"kind": kind}, lazy))
         for diag in params.context.diagnostics:
             if only and t.CodeActionKind.QuickFix not in only:
                 break
-            out.append(t.CodeAction(
-                title=f"Fix with Gemma: {diag.message.splitlines()[0][:60]}",
-                kind=t.CodeActionKind.QuickFix,
-                diagnostics=[diag],
-                data=base | {"kind": "fix", "range": range_to_json(diag.range),
-                             "diagnostics": [diag.message]},
+            out.append(_action(
+                f"Fix with Gemma: {diag.message.splitlines()[0][:60]}", t.CodeActionKind.QuickFix,
+                base | {"kind": "fix", "range": range_to_json(diag.range),
+                        "diagnostics": [diag.message]}, lazy, diagnostics=[diag],
             ))
         return out
 
@@ -216,8 +227,8 @@ class ActionService:
         opts = self.options().actions
         scope = scope or CancelScope()
         try:
-            stream = await asyncio.to_thread(
-                self.backend().start, prompt, max_tokens=opts.max_tokens,
+            stream = await astart(
+                self.backend(), prompt, max_tokens=opts.max_tokens,
                 temperature=opts.temperature, stop=stop, priority=ACTION_PRIORITY,
             )
             scope.streams.add(stream)

@@ -10,8 +10,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncGenerator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+# Backend calls block (socket reads, an engine starting): they get their own threads so that
+# a burst of keystrokes waiting on a starting engine cannot starve asyncio's default pool.
+_IO = ThreadPoolExecutor(max_workers=32, thread_name_prefix="gemma-backend")
 
 
 class BackendError(Exception):
@@ -66,11 +71,28 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+async def astart(backend: Backend, prompt: str, **opts: Any) -> Stream:
+    """`backend.start` off the event loop. If the caller is cancelled while the backend is
+    still starting (an engine coming up), the stream it returns later is cancelled at once
+    instead of generating for nobody."""
+    future = asyncio.get_running_loop().run_in_executor(
+        _IO, lambda: backend.start(prompt, **opts))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        def _orphan(f: asyncio.Future[Stream]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                f.result().cancel()
+
+        future.add_done_callback(_orphan)
+        raise
+
+
 async def astream(stream: Stream, poll_s: float = 60.0) -> AsyncGenerator[str, None]:
     """Iterate a blocking Stream from asyncio; cancelling the task cancels the stream."""
     try:
         while True:
-            piece = await asyncio.to_thread(stream.next, poll_s)
+            piece = await asyncio.get_running_loop().run_in_executor(_IO, stream.next, poll_s)
             if piece is None:
                 return
             yield piece

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gemma_lsp.backend import Backend, BackendError, astream
+from gemma_lsp.backend import Backend, BackendError, astart, astream
 from gemma_lsp.config import ServerOptions
 from gemma_lsp.context import CompletionContext, build_context
 from gemma_lsp.documents import Document, DocumentStore
@@ -177,8 +177,8 @@ class CompletionService:
         budget = opts.latency_budget_ms / 1000 if opts.latency_budget_ms else float("inf")
         pieces: AsyncGenerator[str, None] | None = None
         try:
-            stream = await asyncio.to_thread(
-                self.backend().start, prompt, max_tokens=opts.max_tokens,
+            stream = await astart(
+                self.backend(), prompt, max_tokens=opts.max_tokens,
                 temperature=temperature, stop=stop, doc=uri, priority=0, seed=seed,
             )
             self.stats.engine_calls += 1

@@ -32,6 +32,7 @@ class EngineError(Exception):
 
 
 _CLOSED = object()  # queued to every pending request when the connection drops
+_CANCELLED = object()  # queued by cancel(): a blocked next() returns at once
 
 
 class RequestHandle:
@@ -50,6 +51,9 @@ class RequestHandle:
             msg = self.queue.get(timeout=timeout)
         except queue.Empty:
             raise EngineError(f"no reply from the engine in {timeout:.0f}s", "timeout") from None
+        if msg is _CANCELLED:
+            self.done = True
+            raise EngineError(f"request {self.id} was cancelled", "cancelled")
         if msg is _CLOSED:
             self.done = True
             raise EngineError("engine connection lost (the engine stopped or crashed); the next "
@@ -66,8 +70,11 @@ class RequestHandle:
             yield self.next()
 
     def cancel(self) -> None:
+        """Stop the engine's work and wake a reader blocked in `next` (its replies from now
+        on are dropped)."""
         if not self.done:
             self.client.cancel(self.id)
+            self.queue.put(_CANCELLED)
 
 
 class EngineClient:
@@ -103,6 +110,9 @@ class EngineClient:
         self._request(lambda i: P.Warm(id=i, prompt=prompt, doc=doc), keep=False)
 
     def cancel(self, req_id: int) -> None:
+        with self._lock:
+            if req_id in self._pending:
+                self._pending[req_id] = None  # discard what still arrives for it
         try:
             self._send(P.Cancel(id=req_id))
         except EngineError:

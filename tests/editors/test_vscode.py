@@ -1,6 +1,6 @@
 """VS Code for real (code-server in headless Chromium via playwright-core) with the packaged
 .vsix, the real server, engine and model: ghost text accepted with Tab, Add Docstring and
-Refactor Selection… from the command palette. Needs scripts/setup_vscode_test.sh (CI runs it)."""
+Refactor Selection… from the command palette. Needs scripts/setup_editor_tests.sh (CI runs it)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 def test_ghost_text_tab_docstring_and_refactor_in_vscode(tmp_path: Path) -> None:
     if not (NODE.exists() and CODE_SERVER.exists() and shutil.which("chromium")):
-        pytest.skip(f"VS Code test tools missing: run scripts/setup_vscode_test.sh ({TOOLS})")
+        pytest.skip(f"VS Code test tools missing: run scripts/setup_editor_tests.sh ({TOOLS})")
     env = dict(os.environ, PATH=f"{NODE.parent}:{os.environ['PATH']}")
     # build and package the extension
     subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=EXT, env=env, check=True,
@@ -89,11 +89,14 @@ def test_ghost_text_tab_docstring_and_refactor_in_vscode(tmp_path: Path) -> None
         server.terminate()
         server.wait(30)
         subprocess.run(["pkill", "-f", str(run)], check=False)
+        if (run / "engine.log").exists():
+            shutil.copy(run / "engine.log", tmp_path / "engine.log")
         shutil.rmtree(run, ignore_errors=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    log = (tmp_path / "server.log").read_text() if (tmp_path / "server.log").exists() else ""
-    print("steps:", res["steps"], "\nserver log:\n" + log[-3000:])
-    assert "error" not in res, (res["error"], res["steps"], out.stderr[-2000:], log[-3000:])
+    log = "".join(f"--- {name}\n" + (tmp_path / name).read_text()[-3000:]
+                  for name in ("server.log", "engine.log") if (tmp_path / name).exists())
+    print("steps:", res["steps"], "\n" + log)
+    assert "error" not in res, (res["error"], res["steps"], out.stderr[-2000:], log)
     assert res["ghost_text"], res
     text = src.read_text()
     original = (ROOT / "examples" / "sample.py").read_text()
