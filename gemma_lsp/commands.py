@@ -26,6 +26,7 @@ COMMANDS = (
     "gemma.explain",
     "gemma.refactor",
     "gemma.docstring",
+    "gemma.fix",
     "gemma.cancel",
     "gemma.status",
     "gemma.restartEngine",
@@ -107,11 +108,15 @@ class CommandService:
             await asyncio.to_thread(self.backend().restart)
             self.notify("Gemma engine restarted", t.MessageType.Info)
             return {"restarted": True}
-        if name not in ("gemma.explain", "gemma.refactor", "gemma.docstring"):
+        title = {"gemma.explain": "Gemma: explaining", "gemma.refactor": "Gemma: refactoring",
+                 "gemma.docstring": "Gemma: writing a docstring",
+                 "gemma.fix": "Gemma: fixing"}.get(name)
+        if title is None:
             raise ActionError(f"unknown command {name!r}")
         uri, rng, extra = _location_args(args)
-        title = {"gemma.explain": "Gemma: explaining", "gemma.refactor": "Gemma: refactoring",
-                 "gemma.docstring": "Gemma: writing a docstring"}[name]
+        diagnostics = _diagnostics_arg(args)
+        # a code action's data pins the document version it was offered for
+        version = args[0].get("version") if len(args) == 1 and isinstance(args[0], dict) else None
         progress = await Progress.start(self.ls, title, params.work_done_token)
         scope = CancelScope()
         key = str(progress.token) if progress.token is not None else uuid.uuid4().hex
@@ -122,9 +127,10 @@ class CommandService:
                 progress.end("done")
                 self._show_explanation(text)
                 return text
-            kind = "refactor" if name == "gemma.refactor" else "docstring"
-            edit = await self.actions.edit(kind, uri, rng, instruction=extra,
-                                           on_text=progress.text, scope=scope)
+            kind = name.removeprefix("gemma.")
+            edit = await self.actions.edit(kind, uri, rng, version=version, instruction=extra,
+                                           diagnostics=diagnostics, on_text=progress.text,
+                                           scope=scope)
             progress.end("done")
             result = await self.ls.workspace_apply_edit_async(
                 t.ApplyWorkspaceEditParams(edit=edit, label=title))
@@ -173,8 +179,17 @@ class CommandService:
         self.ls.window_show_document(t.ShowDocumentParams(uri=out.as_uri(), take_focus=False))
 
 
+def _diagnostics_arg(args: list[Any]) -> list[str]:
+    """The diagnostics a fix is for: the "diagnostics" of a dict argument, else a 4th one."""
+    if len(args) == 1 and isinstance(args[0], dict):
+        found = args[0].get("diagnostics") or []
+    else:
+        found = args[3] if len(args) > 3 and isinstance(args[3], list) else []
+    return [str(d) for d in found]
+
+
 def _location_args(args: list[Any]) -> tuple[str, t.Range, str]:
-    """Accept [uri, range, extra?] or [{"uri", "range", "instruction"?}]."""
+    """Accept [uri, range, extra?] or [{"uri", "range", "instruction"?}] (a code action's data)."""
     if len(args) == 1 and isinstance(args[0], dict):
         d = args[0]
         return (str(d.get("uri", "")), range_from_json(d.get("range")),

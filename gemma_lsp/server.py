@@ -70,6 +70,14 @@ class GemmaServer(LanguageServer):
         caps = self.client_capabilities.text_document
         return caps is None or caps.inline_completion is None
 
+    def resolves_edits(self) -> bool:
+        """Whether the client fills in a code action's edit through `codeAction/resolve`
+        (VS Code, Neovim); older clients (eglot 1.9) get actions that run a command."""
+        caps = self.client_capabilities.text_document
+        action = caps.code_action if caps else None
+        support = action.resolve_support if action else None
+        return bool(support and "edit" in support.properties)
+
     def engine_error(self, message: str) -> None:
         """Tell the user once per distinct failure; the next request retries the engine."""
         log.warning("engine: %s", message)
@@ -170,7 +178,7 @@ def create_server(backend_factory: Any = None) -> GemmaServer:
                             code_action_kinds=sorted({k for _, k in KINDS.values()})),
     )
     def code_action(ls: GemmaServer, params: t.CodeActionParams) -> list[t.CodeAction]:
-        return ls.actions.offer(params)
+        return ls.actions.offer(params, lazy=ls.resolves_edits())
 
     @server.feature(t.CODE_ACTION_RESOLVE)
     async def code_action_resolve(ls: GemmaServer, action: t.CodeAction) -> t.CodeAction:
