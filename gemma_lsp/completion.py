@@ -91,7 +91,8 @@ class CompletionService:
 
         Requests for the same document text and cursor share one computation: editors send
         `inlineCompletion` and `completion` for the same keystroke, and re-ask after a
-        cancel; neither may supersede the other."""
+        cancel; neither may supersede the other. A request for a newer state of the
+        document cancels the work nobody waits for any more."""
         doc = self.store.get(uri)
         if doc is None or doc.skipped or not self.options().completion.enabled_for(
             doc.language_id
@@ -100,6 +101,8 @@ class CompletionService:
         key = (doc.version, offset, len(doc.text))
         flight = self._inflight.get(uri)
         if flight is None or flight.key != key or flight.task.done():
+            if flight is not None and flight.waiters == 0:
+                flight.task.cancel()  # abandoned work for an older state of the document
             self.stats.requests += 1
             flight = _Inflight(key, asyncio.get_running_loop().create_task(
                 self._complete(uri, offset)))
@@ -113,11 +116,10 @@ class CompletionService:
                      " (shared)" if flight.waiters > 1 else "")
             return result
         except asyncio.CancelledError:
+            # The work goes on while this is still the document's newest request: editors
+            # cancel requests they will ask again (VS Code does when its widgets change), and
+            # the next ask, or the user typing the suggestion, then gets it at once.
             log.info("completion %s@%d: cancelled by the client", uri, offset)
-            if flight.waiters == 1 and not flight.task.done():
-                flight.task.cancel()  # nobody else wants it
-                if self._inflight.get(uri) is flight:
-                    del self._inflight[uri]
             raise
         finally:
             flight.waiters -= 1

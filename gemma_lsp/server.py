@@ -39,6 +39,7 @@ class GemmaServer(LanguageServer):
         self.actions = ActionService(self.store, self.backend, lambda: self.options)
         self.commands = CommandService(self, self.actions, self.backend, self.notify)
         self._root_uri: str | None = None
+        self._classic: tuple[Any, Any] | None = None  # the completion feature while hidden
 
     def backend(self) -> Backend:
         if self._backend is None:
@@ -61,6 +62,31 @@ class GemmaServer(LanguageServer):
             self.window_show_message(t.ShowMessageParams(type=kind, message=message))
         except Exception:  # noqa: BLE001 - before initialize there is no client to tell
             log.info("%s", message)
+
+    def hide_classic_completion(self) -> None:
+        fm = self.protocol.fm
+        self._classic = (fm.features.pop(t.TEXT_DOCUMENT_COMPLETION),
+                         fm.feature_options.pop(t.TEXT_DOCUMENT_COMPLETION))
+
+    def show_classic_completion(self) -> None:
+        """Settings asked for classic items after initialize hid them: register them now."""
+        if self._classic is None:
+            return
+        handler, options = self._classic
+        self._classic = None
+        fm = self.protocol.fm
+        fm.features[t.TEXT_DOCUMENT_COMPLETION] = handler
+        fm.feature_options[t.TEXT_DOCUMENT_COMPLETION] = options
+        caps = self.client_capabilities.text_document
+        if not (caps and caps.completion and caps.completion.dynamic_registration):
+            self.notify("gemma-lsp: classic completion takes effect after a restart",
+                        t.MessageType.Warning)
+            return
+        self.client_register_capability(t.RegistrationParams(registrations=[t.Registration(
+            id="gemma-classic-completion", method=t.TEXT_DOCUMENT_COMPLETION,
+            register_options=t.CompletionRegistrationOptions(
+                document_selector=None, trigger_characters=options.trigger_characters),
+        )]))
 
     def classic_completion(self) -> bool:
         """Whether `textDocument/completion` carries suggestions (see `completion.classic`)."""
@@ -101,10 +127,16 @@ def create_server(backend_factory: Any = None) -> GemmaServer:
         ls._root_uri = params.root_uri
         ls.store.encoding = ls.workspace.position_encoding
         ls.apply_options(params.initialization_options)
+        if not ls.classic_completion():
+            # not even advertised: VS Code cancels a pending inline request when it asks a
+            # completion provider, and then does not ask again
+            ls.hide_classic_completion()
 
     @server.feature(t.WORKSPACE_DID_CHANGE_CONFIGURATION)
     def did_change_configuration(ls: GemmaServer, params: t.DidChangeConfigurationParams) -> None:
         ls.apply_options(params.settings, base=ls.options)
+        if ls.classic_completion():
+            ls.show_classic_completion()
 
     @server.feature(t.TEXT_DOCUMENT_DID_OPEN)
     def did_open(ls: GemmaServer, params: t.DidOpenTextDocumentParams) -> None:

@@ -42,9 +42,9 @@ try {
   await page.keyboard.type("\n        if amount", { delay: 60 });
   const GHOST = ".ghost-text-decoration, .ghost-text";
   let ghost = await page.waitForSelector(GHOST, { timeout: 30000 }).catch(() => null);
-  if (!ghost) { // ask for it the way a user would: Trigger Inline Suggestion (Alt+\)
+  if (!ghost) { // ask for it the way a user would: Trigger Inline Suggestion
     step("triggered");
-    await page.keyboard.press("Alt+Backslash");
+    await palette("Trigger Inline Suggestion");
     ghost = await page.waitForSelector(GHOST, { timeout: 90000 });
   }
   step("ghost_text", (await ghost.textContent()) || "");

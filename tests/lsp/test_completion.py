@@ -87,19 +87,35 @@ async def test_a_cancelled_request_leaves_the_shared_work_to_the_other() -> None
     assert first.cancelled() and finish is not None and finish.reason == "stop"
 
 
-async def test_the_last_cancelled_request_stops_the_engine_work() -> None:
+async def test_cancelled_work_for_the_current_cursor_is_kept_for_the_next_ask() -> None:
     backend = FakeBackend(["a + b", "\n"])
     svc, _ = service(backend)
     only = asyncio.create_task(svc.complete(URI, len(TEXT)))
     await asyncio.sleep(0.05)
-    only.cancel()
+    only.cancel()  # VS Code cancels and asks again later
     await asyncio.sleep(0.05)
     backend.gate.set()
+    await asyncio.sleep(0.1)
+    finish = backend.streams[0].finish
+    assert finish is not None and finish.reason == "stop"
+    assert await svc.complete(URI, len(TEXT)) == ["a + b"]
+    assert len(backend.streams) == 1  # answered from the finished work
+
+
+async def test_a_newer_document_state_cancels_abandoned_work() -> None:
+    backend = FakeBackend(["a + b", "\n"])
+    svc, store = service(backend)
+    old = asyncio.create_task(svc.complete(URI, len(TEXT)))
     await asyncio.sleep(0.05)
+    old.cancel()
+    await asyncio.sleep(0.05)
+    store.open(URI, TEXT + "x", 2, "python")
+    new = asyncio.create_task(svc.complete(URI, len(TEXT) + 1))
+    await asyncio.sleep(0.05)
+    backend.gate.set()
+    assert await new == ["a + b"]
     finish = backend.streams[0].finish
     assert finish is not None and finish.reason == "cancelled"
-    # the same cursor asked again starts afresh instead of joining the cancelled work
-    assert await svc.complete(URI, len(TEXT)) == ["a + b"]
 
 
 async def test_a_newer_cursor_supersedes_a_debounced_request() -> None:
