@@ -58,7 +58,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="show the running engine's model, cache and speed")
     s.add_argument("--socket", type=Path)
+
+    d = sub.add_parser("demo", help="the real server with a scripted client: an inline "
+                       "completion, a refactor as a diff, a streamed explanation")
+    d.add_argument("file", nargs="?", type=Path, help="a source file (default: a sample)")
+    d.add_argument("--line", type=int, help="cursor line, 1-based (default: the last)")
+    d.add_argument("--col", type=int, help="cursor column, 1-based (default: line end)")
+    d.add_argument("--max-tokens", type=int, default=48, help="inline completion length")
+    d.add_argument("--instruction", default="use a guard clause", help="for the refactor")
     return parser
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gemma_lsp.demo import SAMPLE, DemoOptions
+    from gemma_lsp.demo import main as demo
+
+    if args.max_tokens <= 0:
+        raise CliError(f"--max-tokens must be positive, got {args.max_tokens}")
+    opts = DemoOptions(
+        file=args.file or SAMPLE,
+        line=None if args.line is None else args.line - 1,
+        col=None if args.col is None else args.col - 1,
+        max_tokens=args.max_tokens, instruction=args.instruction)
+    try:
+        return demo(opts)
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise CliError(str(e)) from e
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -202,6 +227,7 @@ COMMANDS = {
     "tokenize": cmd_tokenize,
     "engine": cmd_engine,
     "status": cmd_status,
+    "demo": cmd_demo,
 }
 
 

@@ -55,16 +55,17 @@ class Session:
         self.seen: list[list[int]] = []  # token ids of every prompt / warm so far
         self.rows: list[dict[str, Any]] = []
 
+    @staticmethod
+    def _prefix(old: list[int], ids: list[int]) -> int:
+        n = 0
+        for a, b in zip(old, ids, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
     def _new_tokens(self, ids: list[int]) -> int:
-        best = 0
-        for old in self.seen:
-            n = 0
-            for a, b in zip(old, ids, strict=False):
-                if a != b:
-                    break
-                n += 1
-            best = max(best, n)
-        return len(ids) - best
+        return len(ids) - max((self._prefix(old, ids) for old in self.seen), default=0)
 
     def warm(self, text: str) -> None:
         self.client.warm(text, doc="bench")
@@ -110,7 +111,65 @@ class Session:
         return row
 
 
-def replay(session: Session, base: str, pause_s: float, type_gap_s: float) -> None:
+class LlamaCppSession:
+    """The same replay against llama.cpp (llama-cpp-python) with its own prompt cache: it
+    keeps the previous sequence's K/V and re-evaluates from the first differing token."""
+
+    def __init__(self, model_path: str, threads: int, max_tokens: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=model_path, n_ctx=4096, n_threads=threads,
+                         n_threads_batch=threads, n_batch=512, verbose=False)
+        self.max_tokens = max_tokens
+        self.rows: list[dict[str, Any]] = []
+        self.seen: list[list[int]] = []
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.llm.tokenize(text.encode(), add_bos=True, special=True))
+
+    def _common(self, ids: list[int]) -> int:
+        n = 0
+        for a, b in zip(self.llm._input_ids[: self.llm.n_tokens], ids, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def warm(self, text: str) -> None:
+        ids = self._ids(text)
+        keep = min(self._common(ids), len(ids) - 1)
+        self.llm.n_tokens = keep
+        self.llm.eval(ids[keep:])
+        self.seen.append(ids)
+
+    def complete(self, prompt: str, kind: str) -> dict[str, Any]:
+        ids = self._ids(prompt)
+        reused = min(self._common(ids), len(ids) - 1)
+        new = len(ids) - max((Session._prefix(old, ids) for old in self.seen), default=0)
+        self.seen.append(ids)
+        t0 = time.perf_counter()
+        first_token = first_line = None
+        text = ""
+        for chunk in self.llm.create_completion(ids, max_tokens=self.max_tokens,
+                                                temperature=0.0, stream=True):
+            now = (time.perf_counter() - t0) * 1000
+            if first_token is None:
+                first_token = now
+            text += chunk["choices"][0]["text"]
+            if first_line is None and "\n" in text.lstrip("\n"):
+                first_line = now
+        total = (time.perf_counter() - t0) * 1000
+        row = {"kind": kind, "prompt_tokens": len(ids), "reused": reused,
+               "evaluated": len(ids) - reused, "new_tokens": new,
+               "extra_eval": len(ids) - reused - new,
+               "first_token_ms": first_token if first_token is not None else total,
+               "first_line_ms": first_line if first_line is not None else total,
+               "total_ms": total}
+        self.rows.append(row)
+        return row
+
+
+def replay(session: Any, base: str, pause_s: float, type_gap_s: float) -> None:
     doc = base
     # open: the language server warms the document, then the user starts typing
     session.warm(doc)
@@ -204,9 +263,27 @@ def main() -> int:
     print(f"summary (BLAS threads: {args.threads})")
     for k, v in summary.items():
         print(f"  {k:28s} {v:.2f}" if isinstance(v, float) else f"  {k:28s} {v}")
-    print("  (llama-cpp-python not installed: no side-by-side run)")
+    out: dict[str, Any] = {"summary": summary, "requests": session.rows}
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("  (llama-cpp-python not installed: no side-by-side run)")
+    else:
+        from engine.weights import embedded_model_path
+
+        theirs = LlamaCppSession(str(embedded_model_path()), args.threads, args.max_tokens)
+        replay(theirs, base, args.pause_ms / 1000, args.type_gap_ms / 1000)
+        their_summary = summarize(theirs.rows)
+        print("llama.cpp (llama-cpp-python, same replay, same threads)   ours/llama.cpp")
+        for k, v in their_summary.items():
+            mine = summary.get(k)
+            ratio = (f"{mine / v:8.2f}" if isinstance(mine, int | float) and v
+                     and "ms" in k else "")
+            print(f"  {k:28s} {v:10.2f} {ratio}" if isinstance(v, float)
+                  else f"  {k:28s} {v!s:>10} {ratio}")
+        out["llama_cpp"] = {"summary": their_summary, "requests": theirs.rows}
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "requests": session.rows}, indent=1))
+        args.json.write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -19,8 +19,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 case "${1:-}" in
   demo)
     shift
-    echo "== completing examples/sample.py with the embedded Gemma 3 270M (first run builds its cache)"
-    gemma-lsp generate --file examples/sample.py --max-tokens 48 "$@"
+    echo "== gemma-lsp on examples/sample.py with the embedded Gemma 3 270M (the first run builds its cache)"
+    gemma-lsp demo "$@"
     ;;
   test)
     shift
