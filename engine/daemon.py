@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import protocol as P
+from engine.http_api import ApiServer, HttpOptions
 from engine.prompt_cache import PromptCache
 from engine.runtime import Model, pin_blas_threads
 from engine.scheduler import Scheduler
@@ -34,6 +35,7 @@ class DaemonOptions:
     threads: int | None = None
     persist: bool = True
     cache_file: Path | None = None  # None: in the user cache dir, named by model fingerprint
+    http: HttpOptions | None = None  # also serve the OpenAI-compatible API (engine.http_api)
 
     def __post_init__(self) -> None:
         if self.idle_timeout_s < 0:
@@ -147,6 +149,7 @@ class Daemon:
         self._stop = threading.Event()
         self._stop_reason = ""
         self._lock_fd: int | None = None
+        self.http_url: str | None = None
         self.model: Model
         self.scheduler: Scheduler
         self.cache: PromptCache
@@ -168,6 +171,7 @@ class Daemon:
             self.scheduler = Scheduler(self.model, self.cache)
             self.scheduler.start()
             listener = self._listen()
+            http = self._serve_http()
             log.info("engine ready in %.1fs on %s (%s, %d threads)", time.perf_counter() - t0,
                      self.path, blas, threads)
             self._install_signals()
@@ -177,11 +181,29 @@ class Daemon:
                     self.request_stop("idle")
             log.info("stopping: %s", self._stop_reason)
             listener.close()
+            if http is not None:
+                http.shutdown()
+                http.server_close()
             self.scheduler.stop()
             self.save_cache()
             return 0
         finally:
             self._cleanup()
+
+    def _serve_http(self) -> ApiServer | None:
+        opts = self.opts.http
+        if opts is None:
+            return None
+        try:
+            server = ApiServer(opts, self.scheduler, self.model.name, touch=self.touch)
+        except OSError as e:
+            raise ValueError(f"cannot serve HTTP on {opts.host}:{opts.port}: {e.strerror}") from e
+        server.start()
+        host, port = server.server_address[:2]
+        self.http_url = f"http://{host!s}:{port}/v1"
+        log.info("OpenAI-compatible API on %s%s", self.http_url,
+                 " (bearer token required)" if opts.token else "")
+        return server
 
     @property
     def cache_file(self) -> Path:
@@ -215,7 +237,7 @@ class Daemon:
             clients = len(self._conns)
         return {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 1),
                 "clients": clients, "socket": str(self.path),
-                "idle_timeout_s": self.opts.idle_timeout_s}
+                "idle_timeout_s": self.opts.idle_timeout_s, "http": self.http_url}
 
     def _idle_expired(self) -> bool:
         if self.opts.idle_timeout_s <= 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-mb", type=int, default=512, help="prompt cache budget in MB")
     e.add_argument("--no-persist", action="store_true", help="do not load/save the cache")
     e.add_argument("--cache-file", type=Path, help="where the prompt cache is saved")
+    e.add_argument("--http", metavar="HOST:PORT",
+                   help="also serve an OpenAI-compatible API (/v1/models, /v1/completions, "
+                   "/v1/chat/completions) from this engine, e.g. 127.0.0.1:8088")
+    e.add_argument("--http-token", help="require this bearer token (default: "
+                   "$GEMMA_LSP_HTTP_TOKEN; none)")
+    e.add_argument("--http-allow-remote", action="store_true",
+                   help="allow a non-loopback --http address")
     _add_model_args(e)
 
     s = sub.add_parser("status", help="show the running engine's model, cache and speed")
@@ -190,10 +198,17 @@ def cmd_engine(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("gemma-lsp.engine").setLevel(logging.INFO)
     try:
+        http = None
+        if args.http:
+            from engine.http_api import HttpOptions, parse_bind
+
+            host, port = parse_bind(args.http, args.http_allow_remote)
+            token = args.http_token or os.environ.get("GEMMA_LSP_HTTP_TOKEN") or None
+            http = HttpOptions(host, port, token, args.http_allow_remote)
         opts = DaemonOptions(
             socket=args.socket, idle_timeout_s=args.idle_timeout, cache_mb=args.cache_mb,
             model=args.model, threads=args.threads, persist=not args.no_persist,
-            cache_file=args.cache_file,
+            cache_file=args.cache_file, http=http,
         )
         return serve(opts)
     except ValueError as e:

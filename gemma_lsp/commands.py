@@ -163,6 +163,7 @@ class CommandService:
             info = {"state": "unreachable", "error": str(e)}
         else:
             info["state"] = "running"
+        info.setdefault("backend", "builtin")
         completion = getattr(self.ls, "completion", None)
         if completion is not None:
             info["lsp"] = dataclasses.asdict(completion.stats) | {

@@ -114,6 +114,13 @@ class GemmaServer(LanguageServer):
 
 def _default_backend(options: ServerOptions) -> Backend:
     e = options.engine
+    if e.backend == "openai":
+        from gemma_lsp.openai_backend import OpenAIBackend
+
+        try:
+            return OpenAIBackend(e.url, e.model_name, e.api_key, e.request_timeout_s)
+        except ValueError as err:
+            return UnavailableBackend(str(err))
     if e.backend != "builtin":
         return UnavailableBackend(f"backend {e.backend!r} is not available in this version")
     return EngineBackend(socket_path=e.socket_path, autostart=e.autostart, model=e.model)

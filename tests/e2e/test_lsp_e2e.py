@@ -101,8 +101,9 @@ def end_of(text: str) -> t.Position:
     return t.Position(len(lines) - 1, len(lines[-1]))
 
 
-def expected_completion(text: str) -> str:
-    """What the engine gives for the prompt the server builds (greedy), trimmed the same way."""
+def expected_completion(text: str, sock: Path | None = None) -> str:
+    """What the engine gives for the prompt the server builds (greedy), trimmed the same way
+    (the engine at `sock`; default: this module's)."""
     from engine.protocol import Done, Token
     from gemma_lsp.config import parse_options
     from gemma_lsp.context import build_context
@@ -115,8 +116,9 @@ def expected_completion(text: str) -> str:
     doc = Document(URI, text, 1, "python")
     ctx = build_context(doc, len(text), None, opts.completion.budgets())
     prompt, stop = completion_prompt(ctx, template_for_model("gemma-3-270m"))
-    os.environ["GEMMA_LSP_RUNTIME_DIR"] = str(RUNTIME)
-    ec = EngineClient(autostart=False)
+    if sock is None:
+        os.environ["GEMMA_LSP_RUNTIME_DIR"] = str(RUNTIME)
+    ec = EngineClient(socket_path=sock, autostart=False)
     try:
         handle = ec.generate(prompt, max_tokens=opts.completion.max_tokens, stop=stop)
         out = ""

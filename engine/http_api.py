@@ -1,0 +1,390 @@
+"""The resident engine as an OpenAI-compatible HTTP server (`gemma-lsp engine --http`).
+
+`GET /v1/models`, `POST /v1/completions` and `POST /v1/chat/completions` (streamed as SSE or
+not) run on the same scheduler and prompt cache as the editors' requests, so Continue, Aider
+or OpenCode can share the one resident model. Loopback only unless told otherwise; an
+optional bearer token. Errors are OpenAI-shaped: `{"error": {"message", "type", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import itertools
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from engine import protocol as P
+
+log = logging.getLogger("gemma-lsp.engine.http")
+
+MAX_BODY = 16 * 1024 * 1024
+HTTP_PRIORITY = 5  # after keystroke completions, before background warming
+_ids = itertools.count(1 << 40)  # request ids that cannot collide with socket clients'
+
+
+class ApiError(Exception):
+    def __init__(self, status: HTTPStatus, message: str, code: str = "invalid_request_error",
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    host: str
+    port: int
+    token: str | None = None
+    allow_remote: bool = False
+
+
+def parse_bind(value: str, allow_remote: bool) -> tuple[str, int]:
+    """'HOST:PORT' (or ':PORT', loopback) -> (host, port); refuses non-loopback hosts unless
+    `allow_remote`."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"--http wants HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    loopback = host == "localhost"
+    if not loopback:
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            raise ValueError(
+                f"--http host must be an IP address or localhost, got {host!r}") from None
+    if not loopback and not allow_remote:
+        raise ValueError(f"--http {value}: {host} is not a loopback address; anyone who can "
+                         "reach it could use the model (add --http-allow-remote to mean it)")
+    return host, int(port)
+
+
+# ----------------------------------------------------------------------------- request bodies
+
+
+def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any,
+           check: Callable[[Any], bool] = lambda v: True, expect: str = "") -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and kind is not bool:
+        ok = False
+    else:
+        ok = isinstance(value, kind) and check(value)
+    if not ok:
+        raise ApiError(HTTPStatus.BAD_REQUEST,
+                       f"'{name}' must be {expect or getattr(kind, '__name__', kind)}, "
+                       f"got {value!r}", param=name)
+    return value
+
+
+def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The Generate fields shared by both endpoints, validated."""
+    n = _field(body, "n", int, 1, lambda v: v == 1, "1 (one choice per request)")
+    assert n == 1
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 16
+                             or not all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"'stop' must be a string or up to 16 "
+                       f"non-empty strings, got {stop!r}", param="stop")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    return {
+        "max_tokens": _field({"max_tokens": max_tokens}, "max_tokens", int, 256,
+                             lambda v: 0 <= v <= 32768, "an integer from 0 to 32768"),
+        "temperature": float(_field(body, "temperature", (int, float), 1.0,
+                                    lambda v: 0 <= v <= 2, "a number from 0 to 2")),
+        "top_p": float(_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1,
+                              "a number in (0, 1]")),
+        "top_k": _field(body, "top_k", int, 0, lambda v: v >= 0, "a non-negative integer"),
+        "seed": _field(body, "seed", int, None),
+        "stop": list(stop or []),
+    }
+
+
+def chat_prompt(messages: Any) -> str:
+    """Gemma's chat template: system text joins the first user turn; the model turn is open."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "'messages' must be a non-empty list",
+                       param="messages")
+    system: list[str] = []
+    turns: list[tuple[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user",
+                                                             "assistant"):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{i}] needs a role of system, "
+                           "user or assistant", param=f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only (this model reads no images)
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{i}]: only text content "
+                                   "is supported (the model is text-only)",
+                                   param=f"messages[{i}].content")
+                parts.append(str(part.get("text", "")))
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{i}].content must be text",
+                           param=f"messages[{i}].content")
+        if m["role"] in ("system", "developer"):
+            system.append(content)
+        else:
+            turns.append(("model" if m["role"] == "assistant" else "user", content))
+    if not turns or turns[0][0] != "user":
+        turns.insert(0, ("user", ""))
+    if system:
+        turns[0] = ("user", "\n\n".join(system) + ("\n\n" + turns[0][1] if turns[0][1] else ""))
+    text = "".join(f"<start_of_turn>{role}\n{content}<end_of_turn>\n" for role, content in turns)
+    return text + "<start_of_turn>model\n"
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+class _Reply:
+    """A scheduler client for one HTTP request: messages land in a queue."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[P.Message] = queue.Queue()
+
+    def send(self, msg: P.Message) -> None:
+        self.queue.put(msg)
+
+
+def _events(reply: _Reply, timeout: float) -> Iterator[P.Token | P.Done]:
+    while True:
+        try:
+            msg = reply.queue.get(timeout=timeout)
+        except queue.Empty:
+            raise ApiError(HTTPStatus.GATEWAY_TIMEOUT, f"no progress in {timeout:.0f}s",
+                           "timeout") from None
+        if isinstance(msg, P.Error):
+            status = (HTTPStatus.BAD_REQUEST if msg.code in (P.E_BAD_REQUEST, P.E_TOO_LONG)
+                      else HTTPStatus.SERVICE_UNAVAILABLE if msg.code == P.E_SHUTTING_DOWN
+                      else HTTPStatus.INTERNAL_SERVER_ERROR)
+            raise ApiError(status, msg.message, msg.code)
+        assert isinstance(msg, P.Token | P.Done)
+        yield msg
+        if isinstance(msg, P.Done):
+            return
+
+
+def _finish_reason(done: P.Done) -> str:
+    return "length" if done.reason in ("length", "context") else "stop"
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: ApiServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.info("http %s - %s", self.address_string(), fmt % args)
+
+    # -- plumbing
+
+    def _json(self, status: HTTPStatus, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, e: ApiError) -> None:
+        kind = ("authentication_error" if e.status == HTTPStatus.UNAUTHORIZED
+                else "invalid_request_error" if e.status < 500 else "server_error")
+        self._json(e.status, {"error": {"message": str(e), "type": kind, "code": e.code,
+                                        "param": e.param}})
+
+    def _authorized(self) -> None:
+        token = self.server.opts.token
+        if not token:
+            return
+        got = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+            raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token",
+                           "invalid_api_key")
+
+    def _body(self) -> dict[str, Any]:
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "bad Content-Length") from None
+        if length <= 0 or length > MAX_BODY:
+            raise ApiError(HTTPStatus.BAD_REQUEST if length <= 0 else
+                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"a JSON body of 1 to {MAX_BODY} bytes is needed, got {length}")
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+        return body
+
+    def _route(self, method: str) -> None:
+        self.server.touch()
+        try:
+            self._authorized()
+            path = self.path.split("?")[0].rstrip("/")
+            if method == "GET" and path in ("/v1/models", "/models"):
+                self._json(HTTPStatus.OK, {"object": "list", "data": [self.server.model_card()]})
+            elif method == "POST" and path in ("/v1/completions", "/completions"):
+                self._complete(self._body(), chat=False)
+            elif method == "POST" and path in ("/v1/chat/completions", "/chat/completions"):
+                self._complete(self._body(), chat=True)
+            else:
+                raise ApiError(HTTPStatus.NOT_FOUND, f"no route {method} {path}", "not_found")
+        except ApiError as e:
+            self._error(e)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # every failure becomes an error reply
+            log.exception("http request failed")
+            self._error(ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}",
+                                 "internal"))
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._route("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._route("POST")
+
+    # -- completions
+
+    def _complete(self, body: dict[str, Any], chat: bool) -> None:
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "'model' must be a string", param="model")
+        raw: Any = None
+        if chat:
+            raw = chat_prompt(body.get("messages"))
+        else:
+            raw = body.get("prompt")
+            if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
+                raw = raw[0]
+            if not isinstance(raw, str) or not raw:
+                raise ApiError(HTTPStatus.BAD_REQUEST, "'prompt' must be a non-empty string",
+                               param="prompt")
+        prompt = str(raw)
+        fields = sampling_fields(body)
+        stream = _field(body, "stream", bool, False)
+        reply = _Reply()
+        req_id = next(_ids)
+        sched = self.server.scheduler
+        sched.submit(reply, P.Generate(id=req_id, prompt=prompt, priority=HTTP_PRIORITY,
+                                       **fields))
+        cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        name = self.server.model_name
+        events = _events(reply, self.server.timeout_s)
+        try:
+            if stream:
+                self._stream(events, cid, created, name, chat)
+            else:
+                self._whole(events, cid, created, name, chat)
+        finally:
+            sched.cancel(reply, req_id)  # a client that went away stops the generation
+
+    def _whole(self, events: Iterator[P.Token | P.Done], cid: str, created: int, name: str,
+               chat: bool) -> None:
+        text, n = "", 0
+        done = None
+        for msg in events:
+            if isinstance(msg, P.Token):
+                text += msg.text
+                n += 1
+            else:
+                done = msg
+                text += msg.tail
+        assert done is not None
+        choice: dict[str, Any] = {"index": 0, "finish_reason": _finish_reason(done),
+                                  "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        self._json(HTTPStatus.OK, {
+            "id": cid, "object": "chat.completion" if chat else "text_completion",
+            "created": created, "model": name, "choices": [choice],
+            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": n,
+                      "total_tokens": done.prompt_tokens + n},
+        })
+
+    def _stream(self, events: Iterator[P.Token | P.Done], cid: str, created: int, name: str,
+                chat: bool) -> None:
+        first = next(events)  # errors before the first token are still a plain error reply
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, role: bool = False) -> None:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant"} if role else {}
+                if text is not None:
+                    delta["content"] = text
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish,
+                          "logprobs": None}
+            data = {"id": cid, "object": obj, "created": created, "model": name,
+                    "choices": [choice]}
+            self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+            self.wfile.flush()
+
+        if chat:
+            chunk("", None, role=True)
+        for msg in itertools.chain([first], events):
+            if isinstance(msg, P.Token):
+                if msg.text:
+                    chunk(msg.text, None)
+            else:
+                if msg.tail:
+                    chunk(msg.tail, None)
+                chunk(None, _finish_reason(msg))
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+    def do_OPTIONS(self) -> None:  # noqa: N802 - some clients probe
+        self.send_response(HTTPStatus.NO_CONTENT)
+        self.send_header("Allow", "GET, POST, OPTIONS")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class ApiServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, opts: HttpOptions, scheduler: Any, model_name: str,
+                 touch: Callable[[], None] = lambda: None, timeout_s: float = 600.0) -> None:
+        self.opts = opts
+        self.scheduler = scheduler
+        self.model_name = model_name
+        self.touch = touch
+        self.timeout_s = timeout_s
+        self.created = int(time.time())
+        super().__init__((opts.host, opts.port), Handler)
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created,
+                "owned_by": "gemma-lsp"}
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
+        thread.start()
+        return thread
