@@ -15,7 +15,7 @@ import mmap
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,13 +198,18 @@ class ModelFiles:
 
 
 def load_model_files(source: str | Path | None = None) -> ModelFiles:
-    """Load a GGUF model (the embedded default when `source` is None) via its engine-ready copy."""
-    path = embedded_model_path() if source is None else Path(source).expanduser()
-    if not path.exists():
-        raise ValueError(f"model file not found: {path}")
+    """Load a model via its engine-ready copy: the embedded GGUF when `source` is None, else a
+    GGUF file, a Hugging Face checkpoint directory or a repo id in the HF cache."""
+    from engine import hf
+
+    path = embedded_model_path() if source is None else hf.resolve(source)
+    build: Callable[[Path, str, Path], None]
     if path.is_dir():
-        raise ValueError(f"{path}: is a directory; expected a .gguf file")
-    digest = file_sha256(path)
+        digest = hf.checkpoint_digest(path)
+        build = _build_ready_from_hf
+    else:
+        digest = file_sha256(path)
+        build = _build_ready_from_gguf
     ready = cache_root() / "engine-ready" / f"{digest[:24]}-v{ENGINE_READY_VERSION}"
     if ready.exists():
         try:
@@ -212,8 +217,17 @@ def load_model_files(source: str | Path | None = None) -> ModelFiles:
         except ValueError as e:
             log.warning("engine-ready copy %s is unusable (%s); rebuilding", ready, e)
             shutil.rmtree(ready, ignore_errors=True)
-    _build_ready_from_gguf(path, digest, ready)
+    build(path, digest, ready)
     return _open_ready(ready, path, digest)
+
+
+def _build_ready_from_hf(directory: Path, digest: str, ready: Path) -> None:
+    from engine.hf import read_checkpoint
+
+    log.info("building engine-ready copy of %s in %s (once)", directory, ready)
+    config, tensors, tokenizer = read_checkpoint(directory)
+    check_tensors(config, tensors, directory, packed=False)
+    write_ready(ready, config, pack_tensors(config, tensors), tokenizer, directory, digest)
 
 
 def _open_ready(ready: Path, source: Path, digest: str) -> ModelFiles:

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show the running engine's model, cache and speed")
     s.add_argument("--socket", type=Path)
 
+    p = sub.add_parser("pull", help="download a Hugging Face checkpoint into its cache")
+    p.add_argument("repo_id", help="e.g. google/gemma-3-1b-it")
+
     d = sub.add_parser("demo", help="the real server with a scripted client: an inline "
                        "completion, a refactor as a diff, a streamed explanation")
     d.add_argument("file", nargs="?", type=Path, help="a source file (default: a sample)")
@@ -75,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=48, help="inline completion length")
     d.add_argument("--instruction", default="use a guard clause", help="for the refactor")
     return parser
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from engine.hf import pull
+
+    try:
+        path = pull(args.repo_id, token=os.environ.get("HF_TOKEN") or None)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    print(f"{args.repo_id}: {path}\nuse it with --model {args.repo_id} (or engine.model)")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -243,6 +257,7 @@ COMMANDS = {
     "engine": cmd_engine,
     "status": cmd_status,
     "demo": cmd_demo,
+    "pull": cmd_pull,
 }
 
 

@@ -1,0 +1,140 @@
+"""Hugging Face checkpoints: config and tensor mapping, bf16 and shards, the multimodal
+layout, repo ids from the local cache, and the shipped GGUF exported to an HF directory and
+loaded back with the same logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from engine import hf
+from engine.kv_cache import KVCache
+from engine.model import forward
+from engine.runtime import Model
+from tests.engine.tiny import tiny_config, tiny_tensors
+
+CFG = tiny_config()
+NORMS = ("q_norm", "k_norm", "attn_norm", "post_attn_norm", "ffn_norm", "post_ffn_norm")
+HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+            "wo": "self_attn.o_proj", "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm",
+            "attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+            "ffn_norm": "pre_feedforward_layernorm",
+            "post_ffn_norm": "post_feedforward_layernorm", "w_gate": "mlp.gate_proj",
+            "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
+
+
+@pytest.fixture()
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("GEMMA_LSP_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def bf16(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bits (round to nearest even), as uint16 the way safetensors stores them."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def write_multimodal_checkpoint(d: Path, tensors: dict[str, np.ndarray]) -> None:
+    """A Gemma3ForConditionalGeneration-style directory: nested text_config, bf16 weights in
+    two shards with an index, language-model prefix, and a vision tower to be skipped."""
+    d.mkdir(parents=True)
+    text = hf.config_to_hf(CFG)
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": text, "vision_config": {"model_type": "siglip_vision_model"}}))
+    named: dict[str, np.ndarray] = {}
+    for name, arr in tensors.items():
+        if name == "tok_embd":
+            key = "language_model.model.embed_tokens.weight"
+        elif name == "final_norm":
+            key = "language_model.model.norm.weight"
+        else:
+            _, i, role = name.split(".")
+            key = f"language_model.model.layers.{i}.{HF_NAMES[role]}.weight"
+        norm = name == "final_norm" or name.split(".")[-1] in NORMS
+        named[key] = bf16(arr - 1 if norm else arr)
+    named["vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.zeros((4, 4),
+                                                                                    np.uint16)
+    keys = sorted(named)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for fname, ks in shards.items():
+        # safetensors.numpy writes uint16; the loader reads the header's dtype: patch it to BF16
+        save_file({k: named[k] for k in ks}, str(d / fname))
+        raw = (d / fname).read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = raw[8:8 + n].replace(b'"U16"', b'"BF16"')
+        (d / fname).write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n:])
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+
+
+def test_config_round_trips_through_hf_field_names() -> None:
+    assert hf.config_from_hf(hf.config_to_hf(CFG)) == CFG
+    scaled = tiny_config(rope_scale_global=8.0, final_logit_softcap=30.0)
+    assert hf.config_from_hf({"text_config": hf.config_to_hf(scaled)}) == scaled
+
+
+def test_gemma4_and_other_families_are_named_clearly() -> None:
+    with pytest.raises(ValueError, match="gemma4.*backend"):
+        hf.config_from_hf({"model_type": "gemma4", "text_config": {"model_type": "gemma4_text"}})
+    with pytest.raises(ValueError, match="'llama' is not a Gemma 3"):
+        hf.config_from_hf({"model_type": "llama"})
+
+
+def test_bf16_sharded_multimodal_checkpoint_maps_to_canonical_tensors(tmp_path: Path) -> None:
+    tensors = tiny_tensors(CFG)
+    d = tmp_path / "ckpt"
+    write_multimodal_checkpoint(d, tensors)
+    got = dict(hf.read_tensors(d))
+    assert set(got) == set(tensors)  # the vision tower is skipped
+    for name, arr in tensors.items():
+        norm = name == "final_norm" or name.split(".")[-1] in NORMS
+        stored = hf._fp32(bf16(arr - 1 if norm else arr))
+        want = stored + np.float32(1) if norm else stored
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+        assert np.abs(got[name] - arr).max() <= 0.01 * max(1.0, float(np.abs(arr).max()))
+
+
+def test_repo_ids_resolve_offline_from_the_cache_only(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="gemma-lsp pull google/gemma-3-1b-it"):
+        hf.resolve("google/gemma-3-1b-it")
+    with pytest.raises(ValueError, match="model file not found"):
+        hf.resolve(tmp_path / "nothing.gguf")
+    out = subprocess.run([sys.executable, "-m", "gemma_lsp", "pull", "google/gemma-3-1b-it"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"),
+                              "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2 and "google/gemma-3-1b-it" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_the_shipped_model_exported_to_hf_loads_back_with_the_same_logits(
+    model: Any, cache: Path, tmp_path: Path,
+) -> None:
+    d = hf.export(model, tmp_path / "gemma-3-270m-hf")
+    back = Model.load(d)
+    assert back.config == model.config
+    text = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+    ids = model.tokenizer.encode(text)
+    assert back.tokenizer.encode(text) == ids
+    assert back.tokenizer.stop_ids >= {1, 106}
+    a = forward(model.config, model.weights, ids, KVCache(model.config, 64), logits="all")
+    b = forward(back.config, back.weights, ids, KVCache(back.config, 64), logits="all")
+    assert a is not None and b is not None
+    assert float(np.abs(a - b).max()) <= 1e-4  # norms go through w - 1 + 1 in fp32
+    assert (a.argmax(-1) == b.argmax(-1)).all()
+    # a second load reuses the engine-ready copy
+    assert Model.load(d).files.ready_dir == back.files.ready_dir
