@@ -127,7 +127,16 @@ def config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
     else:
         period = int(cfg.get("sliding_window_pattern") or GEMMA3_SLIDING_PERIOD)
         sliding = tuple((i + 1) % period != 0 for i in range(n_layers))
-    scaling = cfg.get("rope_scaling") or {}
+    # RoPE: transformers >= 5 writes rope_parameters per layer type; older configs rope_theta,
+    # rope_local_base_freq and rope_scaling
+    rope = cfg.get("rope_parameters") or {}
+    full = rope.get("full_attention", rope if "rope_theta" in rope else {})
+    local = rope.get("sliding_attention", {})
+    rope_global = full.get("rope_theta", cfg.get("rope_theta") or 1_000_000.0)
+    rope_local = local.get("rope_theta", cfg.get("rope_local_base_freq")
+                           or GEMMA3_LOCAL_ROPE_BASE)
+    scaling = cfg.get("rope_scaling") or (
+        full if full.get("rope_type") not in (None, "default") else {})
     kind_scaling = scaling.get("rope_type", scaling.get("type", "linear"))
     if scaling and kind_scaling not in ("linear", "default"):
         raise ValueError(f"rope_scaling type {kind_scaling!r} is not supported")
@@ -145,8 +154,8 @@ def config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
         context_length=int(cfg.get("max_position_embeddings") or 32768),
         sliding_window=int(cfg.get("sliding_window") or 512),
         sliding_layers=sliding,
-        rope_base_global=float(cfg.get("rope_theta") or 1_000_000.0),
-        rope_base_local=float(cfg.get("rope_local_base_freq") or GEMMA3_LOCAL_ROPE_BASE),
+        rope_base_global=float(rope_global),
+        rope_base_local=float(rope_local),
         rope_scale_global=float(scaling.get("factor", 1.0)) if kind_scaling == "linear" else 1.0,
         norm_eps=float(cfg.get("rms_norm_eps") or 1e-6),
         query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or head_dim),

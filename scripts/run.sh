@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: `bash scripts/run.sh demo` or `bash scripts/run.sh test`.
-# Creates .venv beside the project (once), installs the project with its dev extras, then runs.
+# Creates .venv beside the project (once), installs what the mode needs, then runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,10 +8,13 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+# the demo needs the package; the tests also need the dev and ref extras (ref: torch and
+# transformers, the reference implementation of the parity tests)
+extras=$([ "${1:-}" = test ] && echo '[dev,ref]' || echo '')
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)${extras:+-dev}
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  .venv/bin/python -m pip install -q -e ".$extras"
   touch "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"

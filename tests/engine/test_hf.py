@@ -138,3 +138,46 @@ def test_the_shipped_model_exported_to_hf_loads_back_with_the_same_logits(
     assert (a.argmax(-1) == b.argmax(-1)).all()
     # a second load reuses the engine-ready copy
     assert Model.load(d).files.ready_dir == back.files.ready_dir
+
+
+def _tiny_tokenizer_json(path: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    vocab |= {f"t{i}": i for i in range(4, vocab_size)}
+    Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")).save(str(path))
+
+
+def test_logits_match_transformers_on_a_tiny_random_gemma3(cache: Path, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch", reason="the `ref` extra (torch, transformers) is needed")
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = tf.Gemma3TextConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
+        max_position_embeddings=2048, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1e6,
+                                            "factor": 2.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+        attn_implementation="eager")
+    ref = tf.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():  # norms too: the 1 + w mapping must be right
+            p.normal_(0.0, 0.3 if "norm" in name else 0.08)
+    d = tmp_path / "tiny-gemma3"
+    ref.save_pretrained(d)
+    _tiny_tokenizer_json(d / "tokenizer.json", 300)
+    ids = torch.randint(4, 300, (1, 600), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids).logits[0].numpy()  # (600, V)
+    ours = Model.load(d)
+    assert ours.config.sliding_layers == (True, True, False, True)
+    assert ours.config.rope_scale_global == 2.0
+    got = forward(ours.config, ours.weights, ids[0].tolist(), KVCache(ours.config, 600),
+                  logits="all")
+    assert got is not None
+    err = float(np.abs(got - want).max())
+    print(f"max |logit diff| vs transformers: {err:.2e}")
+    assert err <= 1e-4, err
