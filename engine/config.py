@@ -35,10 +35,49 @@ class ModelConfig:
     norm_eps: float
     query_pre_attn_scalar: float  # scores are scaled by this ** -0.5
     final_logit_softcap: float | None = None
+    # Gemma 4 (empty tuples / defaults: Gemma 3, the same for every layer)
+    layer_head_dims: tuple[int, ...] = ()  # per layer (full-attention layers are wider)
+    layer_kv_heads: tuple[int, ...] = ()  # per layer
+    layer_ff_dims: tuple[int, ...] = ()  # per layer (double-wide MLPs on shared-K/V layers)
+    k_eq_v: tuple[bool, ...] = ()  # per layer: V is the raw K projection (no wv)
+    kv_source: tuple[int, ...] = ()  # per layer: the layer whose K/V it attends (K/V sharing)
+    v_norm: bool = False  # RMS-normalise V (no scale)
+    rope_fraction_global: float = 1.0  # share of rotated pairs on full-attention layers
 
     def __post_init__(self) -> None:
         assert len(self.sliding_layers) == self.n_layers
-        assert self.n_heads % self.n_kv_heads == 0
+        for per_layer in (self.layer_head_dims, self.layer_kv_heads, self.layer_ff_dims,
+                          self.k_eq_v, self.kv_source):
+            assert len(per_layer) in (0, self.n_layers), per_layer
+        for i in range(self.n_layers):
+            assert self.n_heads % self.kv_heads(i) == 0
+            assert self.source(i) <= i and self.source(self.source(i)) == self.source(i)
+
+    def head_dim_of(self, i: int) -> int:
+        return self.layer_head_dims[i] if self.layer_head_dims else self.head_dim
+
+    def kv_heads(self, i: int) -> int:
+        return self.layer_kv_heads[i] if self.layer_kv_heads else self.n_kv_heads
+
+    def ff_of(self, i: int) -> int:
+        return self.layer_ff_dims[i] if self.layer_ff_dims else self.ff_dim
+
+    def source(self, i: int) -> int:
+        return self.kv_source[i] if self.kv_source else i
+
+    def shares_kv(self, i: int) -> bool:
+        return self.source(i) != i
+
+    def v_is_k(self, i: int) -> bool:
+        return bool(self.k_eq_v and self.k_eq_v[i])
+
+    @property
+    def head_dim_max(self) -> int:
+        return max(self.layer_head_dims or (self.head_dim,))
+
+    @property
+    def kv_heads_max(self) -> int:
+        return max(self.layer_kv_heads or (self.n_kv_heads,))
 
     @property
     def attn_scale(self) -> float:
@@ -50,7 +89,7 @@ class ModelConfig:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
+        return 2 * self.n_layers * self.kv_heads_max * self.head_dim_max * 4
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -58,7 +97,9 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         data = json.loads(text)
-        data["sliding_layers"] = tuple(data["sliding_layers"])
+        for key, value in data.items():
+            if isinstance(value, list):
+                data[key] = tuple(value)
         return cls(**data)
 
     @classmethod

@@ -164,7 +164,7 @@ class Daemon:
             self.model = Model.load(self.opts.model)
             self.model.warm_up()
             cfg = self.model.config
-            self.cache = PromptCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim,
+            self.cache = PromptCache(cfg.n_layers, cfg.kv_heads_max, cfg.head_dim_max,
                                      self.opts.cache_mb << 20)
             if self.opts.persist and self.cache.load(self.cache_file, self.model.fingerprint):
                 log.info("prompt cache loaded: %d tokens", self.cache.n_tokens)

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints: resolve a model name, read a Gemma 3 checkpoint directory, pull.
+"""Hugging Face checkpoints: resolve a model name, read a Gemma 3 / Gemma 4 checkpoint, pull.
 
 A model is named by a GGUF path, a checkpoint directory (config.json + *.safetensors +
 tokenizer.json: a Hugging Face snapshot or an unpacked Kaggle download) or a Hugging Face repo
@@ -103,12 +103,14 @@ def config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
     """ModelConfig from a Gemma 3 `config.json` (HF field names)."""
     cfg = text_config(raw)
     kind = str(cfg.get("model_type") or raw.get("model_type") or "")
-    if kind.startswith(("gemma3n", "gemma4")):
-        raise ValueError(f"model_type {kind!r}: the built-in engine runs Gemma 3 text models; "
-                         "serve this one with Ollama or llama-server and set "
-                         "engine.backend to \"openai\"")
+    if kind.startswith("gemma4"):
+        return _gemma4_config(cfg)
+    if kind.startswith("gemma3n"):
+        raise ValueError(f"model_type {kind!r}: the built-in engine runs Gemma 3 and dense "
+                         "Gemma 4 text models; serve this one with Ollama or llama-server and "
+                         "set engine.backend to \"openai\"")
     if not kind.startswith("gemma3"):
-        raise ValueError(f"model_type {kind!r} is not a Gemma 3 model")
+        raise ValueError(f"model_type {kind!r} is not a Gemma 3 or Gemma 4 model")
 
     def need(key: str) -> Any:
         if cfg.get(key) is None:
@@ -164,6 +166,77 @@ def config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
     )
 
 
+def _gemma4_config(cfg: Mapping[str, Any]) -> ModelConfig:
+    """A dense Gemma 4 text model: plain RMSNorm weights, V norm, unscaled scores, wider
+    full-attention heads with partial RoPE, optional K = V and K/V sharing, final softcap."""
+    unsupported = {
+        "hidden_size_per_layer_input": "per-layer embeddings (the E2B/E4B models)",
+        "enable_moe_block": "mixture-of-experts blocks",
+    }
+    for key, what in unsupported.items():
+        if cfg.get(key):
+            raise ValueError(f"Gemma 4 with {what} ({key}) is not supported by the built-in "
+                             "engine; serve it with Ollama or llama-server and set "
+                             "engine.backend to \"openai\"")
+    if cfg.get("use_bidirectional_attention") == "all":
+        raise ValueError("bidirectional Gemma 4 models are not language models for completion")
+    n = int(cfg["num_hidden_layers"])
+    n_heads = int(cfg["num_attention_heads"])
+    d = int(cfg["hidden_size"])
+    hd = int(cfg.get("head_dim") or d // n_heads)
+    kv = int(cfg.get("num_key_value_heads") or n_heads)
+    types = list(cfg.get("layer_types") or [
+        "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)])
+    types[-1] = "full_attention"  # as transformers forces it
+    sliding = tuple(t == "sliding_attention" for t in types)
+    k_eq_v = bool(cfg.get("attention_k_eq_v"))
+    per_layer = {int(k): v for k, v in (cfg.get("per_layer_config") or {}).items()}
+    if not per_layer:  # the released config.json fields
+        full: dict[str, Any] = {"head_dim": int(cfg.get("global_head_dim") or 512)}
+        if k_eq_v and cfg.get("num_global_key_value_heads"):
+            full["num_key_value_heads"] = int(cfg["num_global_key_value_heads"])
+        per_layer = {i: full for i in range(n) if not sliding[i]}
+    head_dims = tuple(int(per_layer.get(i, {}).get("head_dim", hd)) for i in range(n))
+    kv_heads = tuple(int(per_layer.get(i, {}).get("num_key_value_heads", kv)) for i in range(n))
+    # K/V sharing: the last layers attend the K/V of the last earlier layer of their kind
+    shared = int(cfg.get("num_kv_shared_layers") or 0)
+    first = n - shared
+    source = list(range(n))
+    for i in range(first, n):
+        producers = [j for j in range(first) if types[j] == types[i]]
+        if not producers:
+            raise ValueError(f"layer {i} shares K/V but no earlier {types[i]} layer has any")
+        source[i] = producers[-1]
+    ff = int(cfg["intermediate_size"])
+    wide = bool(cfg.get("use_double_wide_mlp"))
+    rope = cfg.get("rope_parameters") or {}
+    full_rope = rope.get("full_attention") or {"rope_theta": 1_000_000.0,
+                                               "partial_rotary_factor": 0.25}
+    local_rope = rope.get("sliding_attention") or {"rope_theta": 10_000.0}
+    if full_rope.get("rope_type", "proportional") not in ("proportional", "default"):
+        raise ValueError(f"rope_type {full_rope.get('rope_type')!r} is not supported")
+    softcap = cfg.get("final_logit_softcapping")
+    return ModelConfig(
+        arch="gemma4", vocab_size=int(cfg["vocab_size"]), d_model=d, n_layers=n,
+        n_heads=n_heads, n_kv_heads=kv, head_dim=hd, ff_dim=ff,
+        context_length=int(cfg.get("max_position_embeddings") or 131072),
+        sliding_window=int(cfg.get("sliding_window") or 512), sliding_layers=sliding,
+        rope_base_global=float(full_rope.get("rope_theta", 1_000_000.0)),
+        rope_base_local=float(local_rope.get("rope_theta", 10_000.0)),
+        rope_scale_global=float(full_rope.get("factor", 1.0)),
+        norm_eps=float(cfg.get("rms_norm_eps") or 1e-6),
+        query_pre_attn_scalar=1.0,  # Gemma 4 does not scale the scores
+        final_logit_softcap=float(softcap) if softcap else None,
+        layer_head_dims=head_dims, layer_kv_heads=kv_heads,
+        layer_ff_dims=tuple(ff * 2 if wide and source[i] != i else ff for i in range(n)),
+        k_eq_v=tuple(k_eq_v and not sliding[i] for i in range(n)),
+        kv_source=tuple(source), v_norm=True,
+        rope_fraction_global=float(full_rope.get("partial_rotary_factor", 1.0)
+                                   if full_rope.get("rope_type", "proportional") ==
+                                   "proportional" else 1.0),
+    )
+
+
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The Gemma 3 text `config.json` for `cfg` (what `export` writes)."""
     return {
@@ -212,8 +285,10 @@ def weight_files(directory: Path) -> list[Path]:
     return files
 
 
-def read_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, fp32 array) for the language model's tensors; vision ones skipped."""
+def read_tensors(directory: Path, norm_plus_one: bool = True
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+    """(canonical name, fp32 array) for the language model's tensors; vision ones skipped.
+    `norm_plus_one`: Gemma 3 stores norm weights as w for a factor of 1 + w (Gemma 4: w)."""
     from engine.weights import mmap_safetensors
 
     for f in weight_files(directory):
@@ -223,7 +298,7 @@ def read_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
             if canon is None:
                 continue
             out = _fp32(arr)
-            if canon.rsplit(".", 1)[-1] in _NORMS or canon == "final_norm":
+            if norm_plus_one and (canon.rsplit(".", 1)[-1] in _NORMS or canon == "final_norm"):
                 out = out + np.float32(1.0)  # HF Gemma 3 stores w; the engine multiplies by 1 + w
             yield canon, np.ascontiguousarray(out)
 
@@ -244,6 +319,8 @@ def canonical_name(name: str) -> str | None:
     m = _LAYER.match(name)
     if m and m.group(2) in _LAYER_NAMES:
         return f"layers.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}"
+    if m and m.group(2) == "layer_scalar":
+        return f"layers.{int(m.group(1))}.layer_scalar"
     return None
 
 
@@ -292,7 +369,7 @@ def read_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, np.ndarray]
         raise ValueError(f"{directory}: not a checkpoint directory (no readable config.json: "
                          f"{e})") from e
     config = config_from_hf(raw)
-    tensors = dict(read_tensors(directory))
+    tensors = dict(read_tensors(directory, norm_plus_one=config.arch == "gemma3"))
     return config, tensors, load_tokenizer(directory, raw)
 
 
@@ -304,6 +381,8 @@ def export(model: Any, directory: Path) -> Path:
     from safetensors.numpy import save_file
 
     cfg: ModelConfig = model.config
+    if cfg.arch != "gemma3":
+        raise ValueError(f"export writes Gemma 3 checkpoints; this model is {cfg.arch}")
     directory.mkdir(parents=True, exist_ok=True)
     w = model.weights
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim

@@ -21,7 +21,8 @@ class KVCache:
             raise ValueError(
                 f"KV cache capacity {capacity} exceeds the model context {config.context_length}"
             )
-        shape = (config.n_layers, config.n_kv_heads, capacity, config.head_dim)
+        # layers with fewer K/V heads or narrower heads use the leading part of their slot
+        shape = (config.n_layers, config.kv_heads_max, capacity, config.head_dim_max)
         self.k = np.zeros(shape, dtype=np.float32)  # (L, KV, cap, hd); calloc: pages on touch
         self.v = np.zeros(shape, dtype=np.float32)  # (L, KV, cap, hd)
         self.tokens = np.zeros(capacity, dtype=np.int64)  # (cap,) the id at each position

@@ -1,4 +1,5 @@
-"""The Gemma 3 forward pass in numpy: norms, RoPE, attention, MLP. Pure functions over weights.
+"""The Gemma forward pass in numpy (Gemma 3; Gemma 4 dense text models): norms, RoPE,
+attention, MLP. Pure functions over weights.
 
 All math is fp32. Weights are `(out, in)` C-contiguous and applied as `x @ W.T`. Norm weights
 are stored as the factor to multiply by (GGUF already holds `1 + w`; HF loaders add the 1).
@@ -35,6 +36,7 @@ class LayerWeights:
     w_gate_up: np.ndarray  # (2*ff, d): w_gate, w_up stacked, one matmul
     w_down: np.ndarray  # (d, ff)
     post_ffn_norm: np.ndarray  # (d,)
+    layer_scalar: np.ndarray | None = None  # (1,) Gemma 4 scales each layer's output
 
 
 def pack_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -49,11 +51,16 @@ def pack_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict
     }
     for i in range(config.n_layers):
         p = f"layers.{i}."
-        out[p + "wqkv"] = np.concatenate([tensors[p + n] for n in ("wq", "wk", "wv")])
+        # a layer attending another's K/V has no wk/wv; with V = K there is no wv
+        qkv = [n for n in ("wq", "wk", "wv") if p + n in tensors]
+        out[p + "wqkv"] = np.concatenate([tensors[p + n] for n in qkv])
         out[p + "w_gate_up"] = np.concatenate([tensors[p + "w_gate"], tensors[p + "w_up"]])
-        for n in ("attn_norm", "q_norm", "k_norm", "wo", "post_attn_norm", "ffn_norm",
-                  "w_down", "post_ffn_norm"):
-            out[p + n] = tensors[p + n]
+        out[p + "k_norm"] = tensors.get(p + "k_norm",
+                                        np.ones(config.head_dim_of(i), dtype=np.float32))
+        for n in ("attn_norm", "q_norm", "wo", "post_attn_norm", "ffn_norm", "w_down",
+                  "post_ffn_norm", "layer_scalar"):
+            if p + n in tensors:
+                out[p + n] = tensors[p + n]
     return out
 
 
@@ -68,7 +75,8 @@ class Weights:
         """Wrap tensors in the `pack_tensors` layout (no copies)."""
         names = LayerWeights.__dataclass_fields__
         layers = tuple(
-            LayerWeights(**{n: packed[f"layers.{i}.{n}"] for n in names})
+            LayerWeights(**{n: packed[f"layers.{i}.{n}"] for n in names
+                            if f"layers.{i}.{n}" in packed})
             for i in range(config.n_layers)
         )
         return cls(packed["tok_embd_t"], packed["final_norm"], layers)
@@ -93,10 +101,13 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-def rope_tables(positions: np.ndarray, head_dim: int, base: float) -> tuple[np.ndarray, ...]:
-    """cos and sin for NeoX RoPE at `positions` (already divided by any linear scale)."""
+def rope_tables(positions: np.ndarray, head_dim: int, base: float,
+                fraction: float = 1.0) -> tuple[np.ndarray, ...]:
+    """cos and sin for NeoX RoPE at `positions` (already divided by any linear scale).
+    With `fraction` < 1 only the first pairs rotate (Gemma 4's partial rotary)."""
     inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (hd/2,)
     angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
+    angles[:, int(fraction * head_dim // 2):] = 0.0  # the pairs past the rotated share stay
     cos = np.cos(angles).astype(np.float32)[:, None, :]  # (T, 1, hd/2)
     sin = np.sin(angles).astype(np.float32)[:, None, :]  # (T, 1, hd/2)
     return cos, sin
@@ -199,12 +210,17 @@ def forward(
     start = kv.length
     end = start + T
     assert T > 0 and end <= kv.capacity, (start, T, kv.capacity)
-    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    H = cfg.n_heads
     pos = np.arange(start, end)  # (T,)
 
-    # RoPE tables and masks, shared by all layers of a kind
-    rope_global = rope_tables(pos / cfg.rope_scale_global, hd, cfg.rope_base_global)
-    rope_local = rope_tables(pos, hd, cfg.rope_base_local)
+    # RoPE tables and masks, shared by all layers of a kind (full-attention layers may have
+    # wider heads and rotate only part of them)
+    kinds = cfg.sliding_layers
+    hd_global = next((cfg.head_dim_of(i) for i, s in enumerate(kinds) if not s), cfg.head_dim)
+    hd_local = next((cfg.head_dim_of(i) for i, s in enumerate(kinds) if s), cfg.head_dim)
+    rope_global = rope_tables(pos / cfg.rope_scale_global, hd_global, cfg.rope_base_global,
+                              cfg.rope_fraction_global)
+    rope_local = rope_tables(pos, hd_local, cfg.rope_base_local)
     plan_global = attention_plan(start, T, None)
     plan_local = attention_plan(start, T, cfg.sliding_window)
     scale = np.float32(cfg.attn_scale)
@@ -215,33 +231,41 @@ def forward(
     for i, layer in enumerate(w.layers):
         if should_stop is not None and should_stop():
             raise Cancelled()
-        local = cfg.sliding_layers[i]
+        local = kinds[i]
         cos, sin = rope_local if local else rope_global
+        hd, KV, src = cfg.head_dim_of(i), cfg.kv_heads(i), cfg.source(i)
 
         # attention: pre-norm, q/k/v projections in one matmul
         h = rmsnorm(x, layer.attn_norm, cfg.norm_eps)  # (T, d)
         qkv = h @ layer.wqkv.T  # (T, (H + 2*KV) * hd)
         q = qkv[:, : H * hd].reshape(T, H, hd)  # (T, H, hd)
-        k = qkv[:, H * hd : (H + KV) * hd].reshape(T, KV, hd)  # (T, KV, hd)
-        v = qkv[:, (H + KV) * hd :].reshape(T, KV, hd)  # (T, KV, hd)
-        # q/k norm over head_dim, then RoPE
+        # q norm over head_dim, then RoPE
         q = apply_rope(rmsnorm(q, layer.q_norm, cfg.norm_eps), cos, sin) * scale  # (T, H, hd)
-        k = apply_rope(rmsnorm(k, layer.k_norm, cfg.norm_eps), cos, sin)  # (T, KV, hd)
-        # write this chunk's K/V into the cache by slice
-        kv.k[i, :, start:end] = k.transpose(1, 0, 2)
-        kv.v[i, :, start:end] = v.transpose(1, 0, 2)
+        if src == i:  # this layer's own K/V (K/V-sharing layers attend layer `src`'s)
+            k = qkv[:, H * hd : (H + KV) * hd].reshape(T, KV, hd)  # (T, KV, hd)
+            v = k if cfg.v_is_k(i) else qkv[:, (H + KV) * hd :].reshape(T, KV, hd)  # (T, KV, hd)
+            k = apply_rope(rmsnorm(k, layer.k_norm, cfg.norm_eps), cos, sin)  # (T, KV, hd)
+            if cfg.v_norm:
+                v = rmsnorm(v, np.ones(hd, dtype=np.float32), cfg.norm_eps)  # (T, KV, hd)
+            # write this chunk's K/V into the cache by slice
+            kv.k[i, :KV, start:end, :hd] = k.transpose(1, 0, 2)
+            kv.v[i, :KV, start:end, :hd] = v.transpose(1, 0, 2)
         # attend over the visible keys (last W positions on sliding layers)
         plan = plan_local if local else plan_global
-        att = attention(q, kv.k[i, :, :end], kv.v[i, :, :end], plan, start)  # (T, H*hd)
+        att = attention(q, kv.k[src, :KV, :end, :hd], kv.v[src, :KV, :end, :hd], plan,
+                        start)  # (T, H*hd)
         # output projection, post-norm, residual
         x = x + rmsnorm(att @ layer.wo.T, layer.post_attn_norm, cfg.norm_eps)  # (T, d)
 
         # MLP: pre-norm, GeGLU-tanh, down projection, post-norm, residual
+        ff = layer.w_down.shape[1]
         h = rmsnorm(x, layer.ffn_norm, cfg.norm_eps)  # (T, d)
         gu = h @ layer.w_gate_up.T  # (T, 2*ff)
-        g = np.empty((T, cfg.ff_dim), dtype=np.float32)  # (T, ff)
-        gelu_tanh_mul(g, gu[:, : cfg.ff_dim], gu[:, cfg.ff_dim :])
+        g = np.empty((T, ff), dtype=np.float32)  # (T, ff)
+        gelu_tanh_mul(g, gu[:, :ff], gu[:, ff:])
         x = x + rmsnorm(g @ layer.w_down.T, layer.post_ffn_norm, cfg.norm_eps)  # (T, d)
+        if layer.layer_scalar is not None:
+            x = x * layer.layer_scalar  # (T, d) Gemma 4's per-layer output scale
 
     kv.tokens[start:end] = ids
     kv.length = end

@@ -246,8 +246,7 @@ def _open_ready(ready: Path, source: Path, digest: str) -> ModelFiles:
 
 def expected_shapes(cfg: ModelConfig, packed: bool) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, canonical (`packed=False`) or engine-ready (`packed=True`)."""
-    d, hd, ff = cfg.d_model, cfg.head_dim, cfg.ff_dim
-    q_rows, kv_rows = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    d = cfg.d_model
     want: dict[str, tuple[int, ...]] = {"final_norm": (d,)}
     if packed:
         want["tok_embd_t"] = (d, cfg.vocab_size)
@@ -255,14 +254,23 @@ def expected_shapes(cfg: ModelConfig, packed: bool) -> dict[str, tuple[int, ...]
         want["tok_embd"] = (cfg.vocab_size, d)
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
+        hd, ff = cfg.head_dim_of(i), cfg.ff_of(i)
+        q_rows, kv_rows = cfg.n_heads * hd, cfg.kv_heads(i) * hd
+        own_kv = not cfg.shares_kv(i)
         if packed:
-            want[p + "wqkv"] = (q_rows + 2 * kv_rows, d)
+            rows = q_rows + (kv_rows if own_kv else 0) + (kv_rows if own_kv and not
+                                                          cfg.v_is_k(i) else 0)
+            want[p + "wqkv"] = (rows, d)
             want[p + "w_gate_up"] = (2 * ff, d)
+            want[p + "k_norm"] = (hd,)
         else:
-            want |= {p + "wq": (q_rows, d), p + "wk": (kv_rows, d), p + "wv": (kv_rows, d)}
+            want[p + "wq"] = (q_rows, d)
+            if own_kv:
+                want |= {p + "wk": (kv_rows, d), p + "k_norm": (hd,)}
+                if not cfg.v_is_k(i):
+                    want[p + "wv"] = (kv_rows, d)
             want |= {p + "w_gate": (ff, d), p + "w_up": (ff, d)}
-        want |= {p + "wo": (d, q_rows), p + "w_down": (d, ff)}
-        want |= {p + "q_norm": (hd,), p + "k_norm": (hd,)}
+        want |= {p + "wo": (d, q_rows), p + "w_down": (d, ff), p + "q_norm": (hd,)}
         for norm in ("attn_norm", "post_attn_norm", "ffn_norm", "post_ffn_norm"):
             want[p + norm] = (d,)
     return want

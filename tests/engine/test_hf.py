@@ -84,10 +84,13 @@ def test_config_round_trips_through_hf_field_names() -> None:
     assert hf.config_from_hf({"text_config": hf.config_to_hf(scaled)}) == scaled
 
 
-def test_gemma4_and_other_families_are_named_clearly() -> None:
-    with pytest.raises(ValueError, match="gemma4.*backend"):
-        hf.config_from_hf({"model_type": "gemma4", "text_config": {"model_type": "gemma4_text"}})
-    with pytest.raises(ValueError, match="'llama' is not a Gemma 3"):
+def test_unsupported_families_are_named_clearly() -> None:
+    ple = {"model_type": "gemma4_text", "hidden_size_per_layer_input": 256}
+    with pytest.raises(ValueError, match="per-layer embeddings.*backend"):
+        hf.config_from_hf({"model_type": "gemma4", "text_config": ple})
+    with pytest.raises(ValueError, match="gemma3n.*backend"):
+        hf.config_from_hf({"model_type": "gemma3n"})
+    with pytest.raises(ValueError, match="'llama' is not a Gemma 3 or Gemma 4"):
         hf.config_from_hf({"model_type": "llama"})
 
 
@@ -181,3 +184,61 @@ def test_logits_match_transformers_on_a_tiny_random_gemma3(cache: Path, tmp_path
     err = float(np.abs(got - want).max())
     print(f"max |logit diff| vs transformers: {err:.2e}")
     assert err <= 1e-4, err
+
+
+def test_logits_match_transformers_on_a_tiny_random_gemma4(cache: Path, tmp_path: Path) -> None:
+    """Dense Gemma 4: plain norms, V norm, unscaled scores, wider full-attention heads with
+    partial RoPE, K = V and fewer K/V heads there, K/V sharing, layer scalars, softcap."""
+    torch = pytest.importorskip("torch", reason="the `ref` extra (torch, transformers) is needed")
+    tf = pytest.importorskip("transformers")
+    if not hasattr(tf, "Gemma4ForCausalLM"):
+        pytest.skip("this transformers has no Gemma 4")
+    torch.manual_seed(0)
+    kinds = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+             "full_attention", "sliding_attention", "full_attention"]
+    config = tf.Gemma4TextConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=7,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+        num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=2,
+        use_double_wide_mlp=True, sliding_window=64, max_position_embeddings=2048,
+        layer_types=kinds, hidden_size_per_layer_input=0, final_logit_softcapping=30.0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                         "full_attention": {"rope_type": "proportional", "rope_theta": 1e6,
+                                            "partial_rotary_factor": 0.25}},
+        attn_implementation="eager")
+    ref = tf.Gemma4ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.08)
+        for name, b in ref.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
+    d = tmp_path / "tiny-gemma4"
+    ref.save_pretrained(d)
+    _tiny_tokenizer_json(d / "tokenizer.json", 300)
+    ids = torch.randint(4, 300, (1, 600), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # (hidden states requested: avoids a transformers shortcut that
+        # breaks without per-layer embeddings)
+        want = ref(ids, output_hidden_states=True).logits[0].numpy()  # (600, V)
+    ours = Model.load(d)
+    c = ours.config
+    assert c.arch == "gemma4" and c.layer_head_dims == (16, 16, 32, 16, 32, 16, 32)
+    assert c.kv_source == (0, 1, 2, 3, 4, 3, 4) and c.k_eq_v[2] and not c.k_eq_v[1]
+    assert c.layer_ff_dims[5] == 192
+    got = forward(c, ours.weights, ids[0].tolist(), KVCache(c, 600), logits="all")
+    assert got is not None
+    err = float(np.abs(got - want).max())
+    print(f"max |logit diff| vs transformers (Gemma 4): {err:.2e}")
+    # Gemma 4 does not scale attention scores, so RoPE angle rounding is amplified by |q||k|:
+    # we compute angles in float64, transformers in float32. Measured here: 1.7e-3; 1.8e-4
+    # with transformers' float32 angles swapped in, the size of transformers' own
+    # float32-vs-float64 difference on this model (2.5e-4). Gemma 3 (scaled scores): 1.7e-5.
+    assert err <= 3e-3, err
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.99
+    # prefill in chunks then decode agrees with the one-shot pass
+    kv = KVCache(c, 600)
+    forward(c, ours.weights, ids[0, :300].tolist(), kv, logits="none")
+    tail = forward(c, ours.weights, ids[0, 300:599].tolist(), kv, logits="none")
+    assert tail is None
+    last = forward(c, ours.weights, ids[0, 599:].tolist(), kv)
+    assert last is not None and float(np.abs(last - got[-1]).max()) <= 1e-4
