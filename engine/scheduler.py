@@ -155,8 +155,13 @@ class Scheduler:
                 for j in self._jobs
             ]
         files = self.model.files
+        from engine.hf import describe_source
+
         return {
+            "backend": "builtin",
             "model": self.model.name,
+            "model_arch": self.model.config.arch,
+            "model_source": describe_source(files.source),
             "model_path": str(files.source),
             "model_sha256": files.source_sha256,
             "cache": self.cache.stats(),

@@ -262,3 +262,5 @@ def test_status_command_line(engine: Engine) -> None:
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["model"].endswith(".gguf") and "prefill_tok_s" in info
+    assert info["backend"] == "builtin" and info["model_arch"] == "gemma3"
+    assert info["model_source"].startswith("embedded")
