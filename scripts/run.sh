@@ -13,8 +13,13 @@ fi
 extras=$([ "${1:-}" = test ] && echo '[dev,ref]' || echo '')
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)${extras:+-dev}
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".$extras"
+  echo "== installing gemma-lsp$extras into .venv (log: .venv/install.log)"
+  if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+         .venv/bin/python -m pip install -q -e ".$extras"; } > .venv/install.log 2>&1; then
+    cat .venv/install.log >&2
+    echo "run.sh: installing failed (above)" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"
