@@ -24,8 +24,9 @@ function T.explain()
   return b and table.concat(vim.api.nvim_buf_get_lines(b, 0, -1, false), "\n") or ""
 end
 T.action_done = false
--- resolve and apply the docstring code action for lines l1..l2 (0-based, end exclusive)
-function T.docstring_action(l1, l2)
+-- resolve and apply the code action of `kind` (docstring, refactor) for lines l1..l2
+-- (0-based, end exclusive), as vim.lsp.buf.code_action would after the user picks it
+function T.code_action(kind, l1, l2)
   T.action_done = false
   local client = vim.lsp.get_clients({ bufnr = 0, name = "gemma_lsp" })[1]
   local params = { textDocument = { uri = vim.uri_from_bufnr(0) },
@@ -34,7 +35,7 @@ function T.docstring_action(l1, l2)
   client:request("textDocument/codeAction", params, function(_, actions)
     local pick
     for _, a in ipairs(actions or {}) do
-      if a.data and a.data.kind == "docstring" then pick = a end
+      if a.data and a.data.kind == kind then pick = a end
     end
     client:request("codeAction/resolve", pick, function(err, resolved)
       if resolved and resolved.edit then

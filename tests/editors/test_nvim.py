@@ -1,6 +1,7 @@
 """Neovim 0.11 headless with the plugin, the real server, engine and shipped model: typing in
-insert mode shows ghost text, Tab accepts it, a docstring code action applies, :GemmaExplain
-fills its float as progress streams in. Driven through --listen / --remote-* like a user."""
+insert mode shows ghost text, Tab accepts it, docstring and refactor code actions apply,
+:GemmaExplain fills its float as progress streams in. Driven through --listen / --remote-*
+like a user."""
 
 from __future__ import annotations
 
@@ -101,11 +102,17 @@ def test_ghost_text_accept_action_and_explain(nvim: Nvim, tmp_path: Path) -> Non
     nvim.send("<Esc>")
     # a code action through the LSP client, applied to the buffer
     text = nvim.lua("T.buffer()")
-    nvim.lua("T.docstring_action(8, 12)")
+    nvim.lua('T.code_action("docstring", 8, 12)')
     assert nvim.wait(lambda: nvim.lua("T.action_done"))
     assert nvim.lua("T.action_error") == ""
     documented = nvim.lua("T.buffer()")
     assert documented != text and '"""' in documented
+    # and a refactor code action: its edit lands in the buffer
+    nvim.lua('T.code_action("refactor", 8, 13)')
+    assert nvim.wait(lambda: nvim.lua("T.action_done"))
+    assert nvim.lua("T.action_error") == ""
+    refactored = nvim.lua("T.buffer()")
+    assert refactored != documented
     # :GemmaExplain fills a floating window while the explanation streams in
     nvim.send(":9,12GemmaExplain<CR>")
     seen = set()
