@@ -101,15 +101,24 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-def rope_tables(positions: np.ndarray, head_dim: int, base: float,
+def rope_tables(positions: np.ndarray, head_dim: int, base: float, scale: float = 1.0,
                 fraction: float = 1.0) -> tuple[np.ndarray, ...]:
-    """cos and sin for NeoX RoPE at `positions` (already divided by any linear scale).
-    With `fraction` < 1 only the first pairs rotate (Gemma 4's partial rotary)."""
-    inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (hd/2,)
-    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
-    angles[:, int(fraction * head_dim // 2):] = 0.0  # the pairs past the rotated share stay
-    cos = np.cos(angles).astype(np.float32)[:, None, :]  # (T, 1, hd/2)
-    sin = np.sin(angles).astype(np.float32)[:, None, :]  # (T, 1, hd/2)
+    """cos and sin for NeoX RoPE at `positions`, with linear position `scale` (1.0 = none).
+    With `fraction` < 1 only the first pairs rotate (Gemma 4's partial rotary).
+
+    The arithmetic is float32 step for step as in transformers (inverse frequencies, their
+    division by the scale, the angle product), so angles round the same way: at position 600
+    a float64 angle differs by ~3e-5 rad, which unscaled Gemma 4 scores amplify to 1e-3 in
+    the logits.
+    """
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)  # (hd/2,)
+    inv_freq = np.float32(1.0) / np.power(base, exponent.astype(np.float64)).astype(
+        np.float32)  # (hd/2,)
+    inv_freq[int(fraction * head_dim // 2):] = 0.0  # the pairs past the rotated share stay
+    inv_freq /= np.float32(scale)
+    angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]  # (T, hd/2)
+    cos = np.cos(angles.astype(np.float64)).astype(np.float32)[:, None, :]  # (T, 1, hd/2)
+    sin = np.sin(angles.astype(np.float64)).astype(np.float32)[:, None, :]  # (T, 1, hd/2)
     return cos, sin
 
 
@@ -218,7 +227,7 @@ def forward(
     kinds = cfg.sliding_layers
     hd_global = next((cfg.head_dim_of(i) for i, s in enumerate(kinds) if not s), cfg.head_dim)
     hd_local = next((cfg.head_dim_of(i) for i, s in enumerate(kinds) if s), cfg.head_dim)
-    rope_global = rope_tables(pos / cfg.rope_scale_global, hd_global, cfg.rope_base_global,
+    rope_global = rope_tables(pos, hd_global, cfg.rope_base_global, cfg.rope_scale_global,
                               cfg.rope_fraction_global)
     rope_local = rope_tables(pos, hd_local, cfg.rope_base_local)
     plan_global = attention_plan(start, T, None)

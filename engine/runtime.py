@@ -14,7 +14,7 @@ from engine.model import Weights
 from engine.tokenizer import Tokenizer
 from engine.weights import ENGINE_READY_VERSION, ModelFiles, load_model_files
 
-ENGINE_VERSION = "0.1.0"  # bump when numerics change (invalidates persisted prompt caches)
+ENGINE_VERSION = "0.1.1"  # bump when numerics change (invalidates persisted prompt caches)
 
 
 def default_threads() -> int:

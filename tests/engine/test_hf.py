@@ -207,9 +207,10 @@ def test_logits_match_transformers_on_a_tiny_random_gemma4(cache: Path, tmp_path
                                             "partial_rotary_factor": 0.25}},
         attn_implementation="eager")
     ref = tf.Gemma4ForCausalLM(config).eval()
-    with torch.no_grad():
+    with torch.no_grad():  # (linear weights at std 0.04: with 0.08 this random model is so
+        # chaotic that transformers' own float32 and float64 passes differ by 3e-4)
         for name, p in ref.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.08)
+            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.04)
         for name, b in ref.named_buffers():
             if name.endswith("layer_scalar"):
                 b.uniform_(0.5, 1.5)
@@ -230,10 +231,8 @@ def test_logits_match_transformers_on_a_tiny_random_gemma4(cache: Path, tmp_path
     err = float(np.abs(got - want).max())
     print(f"max |logit diff| vs transformers (Gemma 4): {err:.2e}")
     # Gemma 4 does not scale attention scores, so RoPE angle rounding is amplified by |q||k|:
-    # we compute angles in float64, transformers in float32. Measured here: 1.7e-3; 1.8e-4
-    # with transformers' float32 angles swapped in, the size of transformers' own
-    # float32-vs-float64 difference on this model (2.5e-4). Gemma 3 (scaled scores): 1.7e-5.
-    assert err <= 3e-3, err
+    # angles must be rounded as transformers rounds them (float32; float64 angles: 1.5e-3 off)
+    assert err <= 1e-4, err
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.99
     # prefill in chunks then decode agrees with the one-shot pass
     kv = KVCache(c, 600)
