@@ -188,7 +188,7 @@ class Tokenizer:
             "stop_ids": sorted(self.stop_ids),
             "line_split": self.line_split,
         }
-        _atomic_write(directory / "tokenizer.json", self.hf.to_str(pretty=False))
+        _atomic_write(directory / "tokenizer.json", _compact_merges(self.hf.to_str(pretty=False)))
         _atomic_write(directory / META_FILE, json.dumps(meta))
 
     # ------------------------------------------------------------------ encode / decode
@@ -275,6 +275,20 @@ def _complete_prefix_len(data: bytes) -> int:
             4 if lead & 0xF8 == 0xF0 else 1
         return n - back if need > back else n
     return n  # only continuation bytes: invalid anyway, release them
+
+
+def _compact_merges(tokenizer_json: str) -> str:
+    """Write BPE merges as "a b" strings instead of ["a", "b"] pairs: `tokenizers` parses
+    the 514k merges of the Gemma vocab in 0.6 s instead of 0.9 s (the warm start's largest
+    cost). Only when no piece holds a space, the string form's separator."""
+    data = json.loads(tokenizer_json)
+    merges = data.get("model", {}).get("merges")
+    if not merges or not isinstance(merges[0], list):
+        return tokenizer_json
+    if any(" " in a or " " in b for a, b in merges):
+        return tokenizer_json
+    data["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+    return json.dumps(data, ensure_ascii=False)
 
 
 def _atomic_write(path: Path, text: str) -> None:
