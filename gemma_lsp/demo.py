@@ -1,8 +1,8 @@
 """`gemma-lsp demo [FILE]`: the real server over stdio, driven by a scripted LSP client.
 
 What a newcomer sees before wiring up an editor: the file is opened, an inline completion is
-asked at the cursor (the end of the file unless --line/--col), a refactor code action is
-resolved and shown as a diff, and an explanation is printed as its `$/progress` reports stream
+asked at the cursor (the end of the file unless --line/--col), a refactor and a docstring are
+computed and shown as diffs, and an explanation is printed as its `$/progress` reports stream
 in. Every step reports its own failure and the demo goes on.
 """
 
@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lsprotocol import types as t
 from pygls.lsp.client import LanguageClient
@@ -162,36 +163,29 @@ async def run_demo(opts: DemoOptions) -> int:
             failures += 1
             print(f"   (no suggestion, {ms:.0f} ms)")
 
-        # 2. a refactor of the last complete block above the cursor, as a diff
+        # 2. a refactor and a docstring for the last complete block above the cursor, as diffs
         block = block_before(text, line)
         if block is None:
             print("\n== no complete function above the cursor to refactor or explain")
             return 0 if failures == 0 else 1
         rng = t.Range(t.Position(block[0], 0), t.Position(block[1], 0))
+        where = {"uri": uri, "range": client.protocol._converter.unstructure(rng)}
         print(f"\n== refactor lines {block[0] + 1}-{block[1]} ({opts.instruction!r})")
-        try:
-            result = await client.workspace_execute_command_async(t.ExecuteCommandParams(
-                command="gemma.refactor", work_done_token="demo-refactor",
-                arguments=[{"uri": uri, "range": client.protocol._converter.unstructure(rng),
-                            "instruction": opts.instruction}]))
-            print()
-            if not isinstance(result, dict) or "edit" not in result:
-                raise ValueError(f"unexpected reply {result!r}")
-            edit = client.protocol._converter.structure(result["edit"], t.WorkspaceEdit)
-            after = apply_edit(text, edit)
-            sys.stdout.writelines(difflib.unified_diff(
-                text.splitlines(keepends=True), after.splitlines(keepends=True),
-                f"a/{opts.file.name}", f"b/{opts.file.name}"))
-        except Exception as e:  # noqa: BLE001 - the demo reports and goes on
+        changed = await _show_edit(client, "gemma.refactor", where | {
+            "instruction": opts.instruction}, text, opts.file.name)
+        if changed is None:
+            print("   (the shipped 270M model is a base model: it mostly copies code instead of "
+                  "following an instruction; an instruction-tuned model does better, README: "
+                  "Models)")
+        print(f"\n== add docstring, lines {block[0] + 1}-{block[1]}")
+        if await _show_edit(client, "gemma.docstring", where, text, opts.file.name) is False:
             failures += 1
-            print(f"\n   refactor failed: {e}")
 
         # 3. a streamed explanation of the same block
         print(f"\n== explanation of lines {block[0] + 1}-{block[1]}, as it streams")
         try:
             await client.workspace_execute_command_async(t.ExecuteCommandParams(
-                command="gemma.explain", work_done_token="demo-explain",
-                arguments=[uri, client.protocol._converter.unstructure(rng)]))
+                command="gemma.explain", work_done_token="demo-explain", arguments=[where]))
             print()
         except Exception as e:  # noqa: BLE001
             failures += 1
@@ -204,6 +198,30 @@ async def run_demo(opts: DemoOptions) -> int:
             pass
         await client.stop()
     return 0 if failures == 0 else 1
+
+
+async def _show_edit(client: LanguageClient, command: str, args: dict[str, Any], text: str,
+                     name: str) -> bool | None:
+    """Run an edit command and print its edit as a diff. True: shown; None: the model
+    suggested no change (said so); False: failed (said why)."""
+    try:
+        result = await client.workspace_execute_command_async(t.ExecuteCommandParams(
+            command=command, work_done_token=f"demo-{command}", arguments=[args]))
+        print()
+        if not isinstance(result, dict) or "edit" not in result:
+            raise ValueError(f"unexpected reply {result!r}")
+        edit = client.protocol._converter.structure(result["edit"], t.WorkspaceEdit)
+        after = apply_edit(text, edit)
+        sys.stdout.writelines(difflib.unified_diff(
+            text.splitlines(keepends=True), after.splitlines(keepends=True), f"a/{name}",
+            f"b/{name}"))
+        return True
+    except Exception as e:  # noqa: BLE001 - the demo reports and goes on
+        if "suggested no change" in str(e):
+            print("\n   no change suggested")
+            return None
+        print(f"\n   {command} failed: {e}")
+        return False
 
 
 def main(opts: DemoOptions) -> int:

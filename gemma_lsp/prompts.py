@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -376,7 +377,9 @@ def _build(
     values = {
         "language": language,
         "path": (ctx.path if ctx else "") or "untitled",
-        "selection": selection.rstrip("\n"),
+        # dedented like the examples (a method shown at its class indent gets answered half
+        # dedented by small models); the answer is re-indented to the selection's
+        "selection": textwrap.dedent(selection).rstrip("\n"),
         **extra,
     }
     if chat:

@@ -90,8 +90,30 @@ def bench_ours(threads: int, repeat: int, cold: bool) -> dict[str, Any]:
             tok = int(logits.argmax())
         res[f"decode_tok_s_ctx{ctx}"] = steps / (time.perf_counter() - t)
     res["decode_tok_s"] = res["decode_tok_s_ctx0"]
+    res |= _decode_ceiling(model, res["decode_tok_s"])
     res["peak_rss_mb"] = _peak_rss_mb()
     return res
+
+
+def _decode_ceiling(model: Any, decode_tok_s: float) -> dict[str, float]:
+    """What memory bandwidth allows: decoding a token reads every weight once, so the tokens
+    per second cannot exceed (bytes/s of a GEMV over the LM head) / (weight bytes)."""
+    import numpy as np
+
+    w = model.weights
+    weight_bytes = w.tok_embd_t.nbytes + sum(
+        a.nbytes for layer in w.layers for a in vars(layer).values() if a is not None)
+    x = np.ones((1, w.tok_embd_t.shape[0]), dtype=np.float32)
+    x @ w.tok_embd_t  # pages in
+    times = []
+    for _ in range(9):
+        t = time.perf_counter()
+        x @ w.tok_embd_t
+        times.append(time.perf_counter() - t)
+    gb_s = w.tok_embd_t.nbytes / statistics.median(times) / 1e9
+    ceiling = gb_s * 1e9 / weight_bytes
+    return {"weight_gb_per_token": weight_bytes / 1e9, "gemv_gb_s": gb_s,
+            "decode_ceiling_tok_s": ceiling, "decode_share_of_ceiling": decode_tok_s / ceiling}
 
 
 def bench_llama_cpp(threads: int, repeat: int) -> dict[str, Any] | None:

@@ -33,8 +33,12 @@ def test_demo_prints_completion_diff_and_explanation(tmp_path: Path) -> None:
     assert "== engine: gemma-3-270m" in text
     completion = text.split("== inline completion at sample.py:15:1\n")[1].split("\n== ")[0]
     assert "\x1b[2m" in completion and "(no suggestion" not in completion
-    diff = text.split("== refactor lines 9-12")[1].split("\n== ")[0]
+    # the base model may return the code unchanged: then the demo says so
+    refactor = text.split("== refactor lines 9-12")[1].split("\n== ")[0]
+    assert "no change suggested" in refactor or "\n@@ " in refactor
+    diff = text.split("== add docstring, lines 9-12")[1].split("\n== ")[0]
     assert "--- a/sample.py" in diff and "+++ b/sample.py" in diff and "\n@@ " in diff
+    assert '+        """' in diff  # the docstring, at the method body's indent
     explanation = text.split("== explanation of lines 9-12, as it streams\n")[1]
     assert explanation.strip()
 

@@ -19,11 +19,14 @@ import pytest_lsp
 from lsprotocol import types as t
 from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
 
+from tests.rewrite_template import REFACTOR_FEWSHOT
+
 RUNTIME = Path(tempfile.gettempdir()) / f"glsp-e2e-{os.getpid()}"
 ENV = dict(os.environ, GEMMA_LSP_RUNTIME_DIR=str(RUNTIME), PYTHONUNBUFFERED="1")
 INIT = {"gemma": {"completion": {"debounceMs": 0, "maxTokens": 24, "warmAfterMs": 0,
                                  "latencyBudgetMs": 0},
-                  "actions": {"maxTokens": 96, "temperature": 0}}}
+                  "actions": {"maxTokens": 96, "temperature": 0},
+                  "templates": {"refactorFewshot": REFACTOR_FEWSHOT}}}
 URI = "file:///tmp/e2e/account.py"
 CODE = (Path(__file__).resolve().parents[2] / "examples" / "sample.py").read_text()
 

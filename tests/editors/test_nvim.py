@@ -18,12 +18,15 @@ from typing import Any
 import pytest
 
 from tests.editors.nvim_screen import screenshot
+from tests.rewrite_template import REFACTOR_FEWSHOT
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP = (
     "lua require('gemma_lsp').setup({native_inline = false, debounce_ms = 30, init_options ="
     " {gemma = {completion = {debounceMs = 0, latencyBudgetMs = 0, maxTokens = 16},"
-    " actions = {maxTokens = 64, temperature = 0}}}})"
+    " actions = {maxTokens = 64, temperature = 0},"
+    # an ASCII JSON string is a Lua string literal too
+    f" templates = {{refactorFewshot = {json.dumps(REFACTOR_FEWSHOT)}}}}}}}}})"
 )
 
 
