@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gemma_lsp.actions import reindent
 from gemma_lsp.context import Budgets, CompletionContext, Snippet, build_context
 from gemma_lsp.documents import DocumentStore
 from gemma_lsp.prompts import (
@@ -192,6 +193,16 @@ def test_fewshot_refactor_for_base_models() -> None:
     )
     assert "```" in stop
     assert "<start_of_turn>" not in prompt
+
+
+def test_an_indented_selection_is_shown_dedented_like_the_examples() -> None:
+    method = "    def f(self):\n        if x:\n            return 1\n        return 2\n"
+    for chat in (False, True):
+        prompt, _ = refactor_prompt(None, method, "python", chat=chat, instruction="Go.")
+        assert "```python\ndef f(self):\n    if x:\n        return 1\n    return 2\n```" in prompt
+    # the answer comes back at the selection's indent
+    assert reindent("def f(self):\n    return 2\n", method) == (
+        "    def f(self):\n        return 2\n")
 
 
 def test_fewshot_prompt_starts_with_the_completion_prompt() -> None:
