@@ -254,6 +254,44 @@ def test_cache_persists_across_restart_and_a_wrong_fingerprint_is_rejected(
     c.close()
 
 
+def test_idle_exit_and_sigterm_both_save_the_cache(engine: Engine, tmp_path: Path) -> None:
+    saved = tmp_path / "prompts.safetensors"
+    engine.start("--cache-file", str(saved), "--idle-timeout", "2")
+    c = engine.client()
+    c.warm(PROMPT)
+    deadline = time.monotonic() + 60
+    while c.status()["cache"]["tokens"] < 300 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    c.close()  # no clients left: two idle seconds later the engine exits by itself
+    assert engine.proc is not None and engine.proc.wait(60) == 0
+    assert "stopping: idle" in engine.log() and saved.exists()
+    assert engine.log().count("prompt cache saved") == 1
+
+    engine.start("--cache-file", str(saved))
+    c = engine.client()
+    _, done = text_of(c.generate(PROMPT, max_tokens=2))
+    assert done.reused_tokens >= done.prompt_tokens - 2  # the idle save was loaded
+    engine.proc.send_signal(signal.SIGTERM)
+    assert engine.proc.wait(60) == 0
+    assert engine.log().count("prompt cache saved") == 2
+
+
+def test_a_client_that_disconnects_has_its_work_cancelled(engine: Engine) -> None:
+    engine.start("--no-persist")
+    gone, other = engine.client(), engine.client()
+    h = gone.generate(PROMPT, max_tokens=400, stop=[])
+    assert isinstance(h.next(120), P.Token)
+    gone.close()  # mid-decode
+    deadline = time.monotonic() + 30
+    while other.status()["queue"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    info = other.status()
+    assert info["queue"] == [] and info["clients"] == 1
+    assert info["requests_served"] == 0  # it was stopped, not finished
+    text, done = text_of(other.generate(PROMPT, max_tokens=3))  # and the engine serves on
+    assert done.reason == "length" and text
+
+
 def test_status_command_line(engine: Engine) -> None:
     engine.start("--no-persist")
     out = subprocess.run([sys.executable, "-m", "gemma_lsp", "status", "--socket",
