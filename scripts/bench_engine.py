@@ -2,8 +2,10 @@
 """Engine benchmark: load times, prefill/decode speed, peak RSS; llama.cpp side by side if present.
 
 Prints a table and writes JSON (--json PATH). Times are medians of --repeat runs, measured in
-one process with BLAS pinned to --threads. When llama-cpp-python is installed (extra `bench`),
-the same GGUF runs with the same thread count in the same run and ratios are printed.
+one process with BLAS pinned to --threads. Decode is also put against its memory-bandwidth
+ceiling: every weight is read once per token, so tok/s <= GEMV bytes/s / weight bytes. When
+llama-cpp-python is installed (extra `bench`), the same GGUF runs with the same thread count in
+the same run and ratios are printed.
 """
 
 from __future__ import annotations
@@ -152,7 +154,11 @@ def main() -> int:
     ap.add_argument("--no-cold", action="store_true", help="skip the cold/warm load runs")
     args = ap.parse_args()
 
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+
     ours = bench_ours(args.threads, args.repeat, cold=not args.no_cold)
+    if args.json:  # now, in case the llama.cpp run below crashes
+        args.json.write_text(json.dumps(dict(ours, llama_cpp=None), indent=1))
     theirs = bench_llama_cpp(args.threads, args.repeat)
     print(f"BLAS: {ours['blas']}, {ours['blas_threads']} threads")
     for key, value in ours.items():

@@ -237,6 +237,7 @@ def main() -> int:
     ap.add_argument("--pause-ms", type=float, default=300)
     ap.add_argument("--type-gap-ms", type=float, default=30)
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
     from engine.runtime import Model
     from gemma_lsp.engine_client import EngineClient
@@ -275,6 +276,8 @@ def main() -> int:
     for k, v in summary.items():
         print(f"  {k:28s} {v:.2f}" if isinstance(v, float) else f"  {k:28s} {v}")
     out: dict[str, Any] = {"summary": summary, "requests": session.rows}
+    if args.json:  # now, in case the llama.cpp run below crashes
+        args.json.write_text(json.dumps(out, indent=1))
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
