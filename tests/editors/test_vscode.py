@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.rewrite_template import REFACTOR_FEWSHOT
+
 ROOT = Path(__file__).resolve().parents[2]
 EXT = ROOT / "editors" / "vscode"
 TOOLS = Path(os.environ.get("GEMMA_LSP_VSCODE_TOOLS",
@@ -59,6 +61,8 @@ def test_ghost_text_tab_docstring_and_refactor_in_vscode(tmp_path: Path) -> None
         "gemma.completion.debounceMs": 0, "gemma.completion.latencyBudgetMs": 0,
         "gemma.completion.maxTokens": 16, "gemma.actions.maxTokens": 64,
         "gemma.actions.temperature": 0,
+        # a template under which the base model's rewrite differs (tests/rewrite_template.py)
+        "gemma.templates": {"refactorFewshot": REFACTOR_FEWSHOT},
     }))
     common = ["--user-data-dir", str(user), "--extensions-dir", str(exts)]
     subprocess.run([str(NODE), str(CODE_SERVER), *common, "--install-extension", str(vsix)],
@@ -105,4 +109,8 @@ def test_ghost_text_tab_docstring_and_refactor_in_vscode(tmp_path: Path) -> None
     assert '"""' in res["docstring_text"]  # Add Docstring applied its edit (and it was saved)
     assert text == res["refactor_text"]
     assert res["refactor_text"] != res["docstring_text"]  # Refactor Selection… edited
+    # the rewrite kept the documented method's first line, at its indent
+    assert "\n    def deposit(self, amount: float) -> None:\n" in res["refactor_text"]
+    server_log = (tmp_path / "server.log").read_text()
+    assert "unknown setting" not in server_log  # every setting the extension sends is known
     assert (tmp_path / "vscode-ghost-text.png").exists()

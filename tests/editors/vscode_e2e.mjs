@@ -79,9 +79,9 @@ try {
   await page.waitForTimeout(300);
   await page.keyboard.press("Enter");
   await page.waitForTimeout(300);
-  await page.keyboard.press("Shift+ArrowDown");
-  await page.keyboard.press("Shift+ArrowDown");
-  await page.keyboard.press("Shift+ArrowDown");
+  for (let i = 0; i < 5; i++) {  // the documented method: def, docstring, if, raise, body
+    await page.keyboard.press("Shift+ArrowDown");
+  }
   const beforeRefactor = await page.locator(".monaco-editor .view-lines").textContent();
   await palette("Gemma: Refactor Selection");
   await page.waitForSelector(".quick-input-widget input", { timeout: 30000 });

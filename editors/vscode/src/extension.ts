@@ -11,30 +11,22 @@ import {
 let client: LanguageClient | undefined;
 let status: vscode.StatusBarItem;
 
+let settingKeys: string[] = []; // the contributed gemma.* settings (package.json), once
+
+// Every contributed gemma.* setting but serverCommand, nested by its dots, under "gemma": the
+// server reads this shape from initializationOptions and didChangeConfiguration alike.
 function settings(): Record<string, unknown> {
   const c = vscode.workspace.getConfiguration("gemma");
-  return {
-    gemma: {
-      engine: { backend: c.get("engine.backend"), model: c.get("engine.model") },
-      completion: {
-        enabled: c.get("completion.enabled"),
-        disabledLanguages: c.get("completion.disabledLanguages"),
-        maxTokens: c.get("completion.maxTokens"),
-        maxLines: c.get("completion.maxLines"),
-        temperature: c.get("completion.temperature"),
-        debounceMs: c.get("completion.debounceMs"),
-        latencyBudgetMs: c.get("completion.latencyBudgetMs"),
-        prefixTokens: c.get("completion.prefixTokens"),
-        suffixTokens: c.get("completion.suffixTokens"),
-        extrasTokens: c.get("completion.extrasTokens"),
-      },
-      actions: {
-        enabled: c.get("actions.enabled"),
-        maxTokens: c.get("actions.maxTokens"),
-        temperature: c.get("actions.temperature"),
-      },
-    },
-  };
+  const gemma: Record<string, unknown> = {};
+  for (const key of settingKeys) {
+    const path = key.split(".");
+    let node = gemma;
+    for (const part of path.slice(0, -1)) {
+      node = (node[part] ??= {}) as Record<string, unknown>;
+    }
+    node[path[path.length - 1]] = c.get(key);
+  }
+  return { gemma };
 }
 
 function selectionArgs(): [string, object] | undefined {
@@ -106,6 +98,10 @@ async function refreshStatus(): Promise<void> {
 }
 
 export async function activate(context: vscode.ExtensionContext): Promise<void> {
+  const props = context.extension.packageJSON?.contributes?.configuration?.properties ?? {};
+  settingKeys = Object.keys(props)
+    .filter((k) => k.startsWith("gemma.") && k !== "gemma.serverCommand")
+    .map((k) => k.slice("gemma.".length));
   const cmd = vscode.workspace.getConfiguration("gemma").get<string[]>("serverCommand") ?? ["gemma-lsp"];
   const serverOptions: ServerOptions = {
     command: cmd[0],
