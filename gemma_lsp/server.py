@@ -261,6 +261,10 @@ def serve(tcp: str | None = None) -> int:
         host, _, port = tcp.rpartition(":")
         if not port.isdigit():
             raise ValueError(f"--tcp wants HOST:PORT, got {tcp!r}")
+        # pygls ends the process on `exit` with SystemExit, which asyncio's TCP callback logs
+        # as an unhandled error before it propagates: not an error, drop that record
+        logging.getLogger("asyncio").addFilter(
+            lambda r: not (r.exc_info and isinstance(r.exc_info[1], SystemExit)))
         server.start_tcp(host or "127.0.0.1", int(port))
     else:
         server.start_io()

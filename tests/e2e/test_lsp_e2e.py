@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -385,6 +386,46 @@ async def test_dead_engine_is_a_clear_error_and_the_next_request_restarts_it(
     assert after["state"] == "running" and after["pid"] != status["pid"]
     if not (first is not None and first.items):
         assert any("engine" in m.message.lower() for m in client.messages)
+
+
+async def test_the_server_over_tcp(tmp_path: Path) -> None:
+    """`gemma-lsp --tcp HOST:PORT`: the same server for clients that connect to a port."""
+    from pygls.lsp.client import LanguageClient as PlainClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "server.log"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gemma_lsp", "--tcp", f"127.0.0.1:{port}", env=ENV,
+        stdout=log.open("wb"), stderr=asyncio.subprocess.STDOUT)
+    client = PlainClient("tcp-test", "1")
+    try:
+        for _ in range(200):
+            try:
+                await client.start_tcp("127.0.0.1", port)
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        caps = t.ClientCapabilities(text_document=t.TextDocumentClientCapabilities(
+            inline_completion=t.InlineCompletionClientCapabilities()))
+        await client.initialize_async(t.InitializeParams(
+            capabilities=caps, initialization_options=INIT, root_uri="file:///tmp"))
+        client.initialized(t.InitializedParams())
+        client.text_document_did_open(t.DidOpenTextDocumentParams(
+            t.TextDocumentItem(uri=URI, language_id="python", version=1, text=CODE)))
+        res = await client.text_document_inline_completion_async(t.InlineCompletionParams(
+            text_document=t.TextDocumentIdentifier(URI), position=end_of(CODE),
+            context=t.InlineCompletionContext(t.InlineCompletionTriggerKind.Invoked)))
+        assert res is not None and str(res.items[0].insert_text).strip()
+        await client.shutdown_async(None)
+        client.exit(None)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await client.stop()
+    assert "Traceback" not in log.read_text()  # `exit` ends it quietly
 
 
 @pytest_lsp.fixture(
