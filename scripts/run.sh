@@ -32,6 +32,10 @@ case "${1:-}" in
     ;;
   test)
     shift
+    # the real-editor tests' tools (emacs + eglot, chromium, Node 24, code-server; ~3 min once,
+    # apt needs root); without them those tests skip and say why
+    bash scripts/setup_editor_tests.sh >/dev/null ||
+      echo "warning: editor test tools not installed; test_vscode/test_emacs will skip" >&2
     ruff check engine gemma_lsp tests scripts
     mypy
     python -m pytest -q "$@"
