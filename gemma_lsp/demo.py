@@ -173,7 +173,9 @@ async def run_demo(opts: DemoOptions) -> int:
         print(f"\n== refactor lines {block[0] + 1}-{block[1]} ({opts.instruction!r})")
         changed = await _show_edit(client, "gemma.refactor", where | {
             "instruction": opts.instruction}, text, opts.file.name)
-        if changed is None:
+        if changed is False:
+            failures += 1
+        elif changed is None:
             print("   (the shipped 270M model is a base model: it mostly copies code instead of "
                   "following an instruction; an instruction-tuned model does better, README: "
                   "Models)")
