@@ -32,6 +32,7 @@ KINDS = {
     "fix": ("Fix with Gemma", t.CodeActionKind.QuickFix),
 }
 ACTION_PRIORITY = 10  # below completions in the engine's queue
+NO_CHANGE = "Gemma suggested no change"  # a rewrite equal to the selection (clients may match it)
 
 
 class ActionError(Exception):
@@ -182,7 +183,7 @@ class ActionService:
             code += "\n"
         edit = minimal_edit(doc, sel.start, sel.end, code)
         if edit is None:
-            raise ActionError("Gemma suggested no change")
+            raise ActionError(NO_CHANGE)
         return self._versioned(uri, doc, edit)
 
     @staticmethod

@@ -20,6 +20,8 @@ from typing import Any
 from lsprotocol import types as t
 from pygls.lsp.client import LanguageClient
 
+from gemma_lsp.actions import NO_CHANGE
+
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample.py"
 LANGUAGES = {".py": "python", ".js": "javascript", ".ts": "typescript", ".rs": "rust",
              ".go": "go", ".c": "c", ".cpp": "cpp", ".java": "java", ".lua": "lua",
@@ -219,7 +221,7 @@ async def _show_edit(client: LanguageClient, command: str, args: dict[str, Any],
             f"b/{name}"))
         return True
     except Exception as e:  # noqa: BLE001 - the demo reports and goes on
-        if "suggested no change" in str(e):
+        if NO_CHANGE in str(e):
             print("\n   no change suggested")
             return None
         print(f"\n   {command} failed: {e}")
