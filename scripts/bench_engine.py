@@ -159,17 +159,17 @@ def main() -> int:
     ours = bench_ours(args.threads, args.repeat, cold=not args.no_cold)
     if args.json:  # now, in case the llama.cpp run below crashes
         args.json.write_text(json.dumps(dict(ours, llama_cpp=None), indent=1))
-    theirs = bench_llama_cpp(args.threads, args.repeat)
     print(f"BLAS: {ours['blas']}, {ours['blas_threads']} threads")
     for key, value in ours.items():
         if isinstance(value, float):
-            line = f"  {key:24s} {value:10.2f}"
-            if theirs and key in theirs:
-                ratio = value / theirs[key]
-                line += f"   llama.cpp {theirs[key]:10.2f}   ours/llama.cpp {ratio:.2f}"
-            print(line)
+            print(f"  {key:24s} {value:10.2f}")
+    theirs = bench_llama_cpp(args.threads, args.repeat)
     if theirs is None:
         print("  (llama-cpp-python not installed: no side-by-side ratios)")
+    else:
+        print("llama.cpp (llama-cpp-python, same GGUF, same threads)   ours/llama.cpp")
+        for key, value in theirs.items():
+            print(f"  {key:24s} {value:10.2f}   {ours[key] / value:.2f}")
     out = dict(ours, llama_cpp=theirs)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
