@@ -6,7 +6,6 @@ from __future__ import annotations
 import queue
 import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,8 +16,9 @@ from engine.generate import GenerateOptions, Step, generate
 from engine.prompt_cache import PromptCache
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
+from tests.conftest import TYPING_BASE
 
-BASE = (Path(__file__).resolve().parents[3] / "shared" / "bench" / "typing_base.py.txt")
+BASE = TYPING_BASE
 
 
 class Collector:
@@ -58,8 +58,6 @@ def uncached(model: Any, prompt: str, n: int) -> tuple[list[int], list[list[tupl
 
 
 def test_random_edits_and_cursor_jumps_cached_equals_uncached(model: Any, sched: Scheduler) -> None:
-    if not BASE.exists():
-        pytest.skip(f"{BASE} not found")
     rng = random.Random(7)
     doc = BASE.read_text()[:1400]
     client = Collector()
@@ -92,7 +90,7 @@ def test_random_edits_and_cursor_jumps_cached_equals_uncached(model: Any, sched:
 def test_newer_completion_supersedes_and_completions_overtake(model: Any,
                                                                sched: Scheduler) -> None:
     client = Collector()
-    text = BASE.read_text() if BASE.exists() else "def f(x):\n    return x\n" * 40
+    text = BASE.read_text()
     # a long explanation-like job at low priority, then two completions for one document
     sched.submit(client, P.Generate(id=1, prompt=text, max_tokens=40, priority=10))
     sched.submit(client, P.Generate(id=2, prompt=text[:300], max_tokens=2, doc="a"))
@@ -111,7 +109,7 @@ def test_newer_completion_supersedes_and_completions_overtake(model: Any,
 
 def test_warm_then_complete_evaluates_only_new_tokens(model: Any, sched: Scheduler) -> None:
     client = Collector()
-    text = BASE.read_text() if BASE.exists() else "def f(x):\n    return x\n" * 40
+    text = BASE.read_text()
     sched.submit(client, P.Warm(id=1, prompt=text, doc="w"))
     _, done = client.until_end(1)
     assert isinstance(done, P.Done) and done.reason == "warmed"
