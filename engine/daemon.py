@@ -18,7 +18,8 @@ from typing import Any
 
 from engine import protocol as P
 from engine.http_api import ApiServer, HttpOptions
-from engine.prompt_cache import PromptCache
+from engine.integrity import remove_stale_temps
+from engine.prompt_cache import PromptCache, prune_saves
 from engine.runtime import Model, pin_blas_threads
 from engine.scheduler import Scheduler
 from engine.weights import cache_root
@@ -166,8 +167,10 @@ class Daemon:
             cfg = self.model.config
             self.cache = PromptCache(cfg.n_layers, cfg.kv_heads_max, cfg.head_dim_max,
                                      self.opts.cache_mb << 20)
-            if self.opts.persist and self.cache.load(self.cache_file, self.model.fingerprint):
-                log.info("prompt cache loaded: %d tokens", self.cache.n_tokens)
+            if self.opts.persist:
+                remove_stale_temps(self.cache_file.parent)  # a save killed half-way
+                if self.cache.load(self.cache_file, self.model.fingerprint):
+                    log.info("prompt cache loaded: %d tokens", self.cache.n_tokens)
             self.scheduler = Scheduler(self.model, self.cache)
             self.scheduler.start()
             listener = self._listen()
@@ -219,6 +222,8 @@ class Daemon:
             log.info("prompt cache saved: %d tokens to %s", self.cache.n_tokens, self.cache_file)
         except OSError as e:
             log.warning("could not save the prompt cache: %s", e)
+        if self.opts.cache_file is None:  # our own directory: keep it bounded
+            prune_saves(self.cache_file.parent, self.cache_file)
 
     def request_stop(self, reason: str) -> None:
         self._stop_reason = self._stop_reason or reason

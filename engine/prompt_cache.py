@@ -2,27 +2,33 @@
 
 Longest-prefix match finds what a new prompt can reuse wherever it diverges from earlier
 ones; a memory budget with LRU eviction of unheld leaves bounds it; `save`/`load` persist it
-(safetensors + msgpack index, written atomically) under a fingerprint that must match.
+(one safetensors file holding the tree, the K/V and their checksums, written atomically) under
+a fingerprint that must match; `prune_saves` bounds the directory of saves.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgpack
 import numpy as np
 
+from engine.integrity import (
+    CHECKSUM_ALGO,
+    atomic_path,
+    checksums,
+    remove_stale_temps,
+    verify,
+)
 from engine.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # one safetensors file: tree + K/V + checksums
 
 
 @dataclass(eq=False)
@@ -225,68 +231,69 @@ class PromptCache:
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: Path, fingerprint: str) -> None:
-        """Write `path` (safetensors) and `path.index` (msgpack) atomically."""
+        """Write the cache as one safetensors file, atomically (see engine.integrity).
+
+        The tree (tokens and parent of every node) and the K/V are tensors of the same file,
+        and the header carries a checksum of each: an index cannot meet another save's data.
+        """
         from safetensors.numpy import save_file
 
         nodes = list(self._nodes())
         ids = {id(n): i for i, n in enumerate(nodes)}
-        index = {
-            "format": CACHE_FORMAT,
-            "fingerprint": fingerprint,
-            "shape": list(self.shape),
-            "nodes": [
-                {"parent": ids.get(id(n.parent), -1), "tokens": n.tokens.tolist()} for n in nodes
-            ],
-        }
-        tensors = {}
+        tensors = {"parents": np.array([ids.get(id(n.parent), -1) for n in nodes],
+                                       dtype=np.int64)}
         for i, n in enumerate(nodes):
+            tensors[f"{i}.tokens"] = np.ascontiguousarray(n.tokens, dtype=np.int64)
             tensors[f"{i}.k"] = np.ascontiguousarray(n.k)
             tensors[f"{i}.v"] = np.ascontiguousarray(n.v)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".cache-", suffix=".tmp")
-        os.close(fd)
-        fd2, tmp_index = tempfile.mkstemp(dir=path.parent, prefix=".index-", suffix=".tmp")
-        try:
-            save_file(tensors, tmp, metadata={"fingerprint": fingerprint})
-            with os.fdopen(fd2, "wb") as f:
-                f.write(msgpack.packb(index))
-            os.replace(tmp, path)
-            os.replace(tmp_index, _index_path(path))
-        finally:
-            for t in (tmp, tmp_index):
-                if os.path.exists(t):
-                    os.unlink(t)
+        meta = {"format": str(CACHE_FORMAT), "fingerprint": fingerprint,
+                "shape": json.dumps(list(self.shape)), "checksum_algo": CHECKSUM_ALGO,
+                "checksums": json.dumps(checksums(tensors))}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        for old in (_index_path(path),):  # what the format-1 save wrote beside it
+            if old.exists():
+                old.unlink()
 
     def load(self, path: Path, fingerprint: str) -> bool:
-        """Replace the contents with a saved cache if its fingerprint matches; else keep empty.
+        """Replace the contents with a saved cache if its fingerprint matches and every tensor
+        passes its checksum; else keep empty.
 
-        Returns whether anything was loaded; a mismatch or a corrupt file is a log line.
+        Returns whether anything was loaded; a mismatch or a corrupt file is a warning.
         """
         from engine.weights import mmap_safetensors
 
-        index_path = _index_path(path)
-        if not path.exists() or not index_path.exists():
+        if not path.exists():
             return False
         try:
-            index = msgpack.unpackb(index_path.read_bytes(), raw=False)
-            if index.get("fingerprint") != fingerprint or index.get("format") != CACHE_FORMAT:
+            tensors, meta = mmap_safetensors(path)
+            if meta.get("format") != str(CACHE_FORMAT) or "checksums" not in meta:
+                log.warning("prompt cache %s has an older format; ignoring it", path)
+                return False
+            if meta.get("fingerprint") != fingerprint:
                 log.warning("prompt cache %s was made for another model/engine; ignoring it", path)
                 return False
-            tensors, meta = mmap_safetensors(path)
-            if meta.get("fingerprint") != fingerprint:
-                raise ValueError("index and data fingerprints differ")
+            if meta.get("checksum_algo") != CHECKSUM_ALGO:
+                raise ValueError(f"unknown checksum {meta.get('checksum_algo')!r}")
+            if json.loads(meta.get("shape", "null")) != list(self.shape):
+                raise ValueError(f"K/V shape {meta.get('shape')} is not {list(self.shape)}")
+            verify(tensors, json.loads(meta["checksums"]), path)
+            parents = tensors["parents"]
             nodes: list[Node] = []
             self.clear()
-            for i, entry in enumerate(index["nodes"]):
+            for i in range(len(parents)):
                 k = np.array(tensors[f"{i}.k"])  # copy out of the map: nodes own their K/V
                 v = np.array(tensors[f"{i}.v"])
-                toks = np.asarray(entry["tokens"], dtype=np.int64)
-                if k.shape != (self.shape[0], self.shape[1], len(toks), self.shape[2]):
-                    raise ValueError(f"node {i} has K shape {k.shape}")
-                pi = int(entry["parent"])
+                toks = np.array(tensors[f"{i}.tokens"])
+                if k.shape != (self.shape[0], self.shape[1], len(toks), self.shape[2]) \
+                        or v.shape != k.shape:
+                    raise ValueError(f"node {i} has K/V shapes {k.shape}, {v.shape}")
+                pi = int(parents[i])
                 if pi >= i or len(toks) == 0:
                     raise ValueError(f"node {i} has a bad parent or no tokens")
                 parent = self.root if pi < 0 else nodes[pi]
+                if int(toks[0]) in parent.children:
+                    raise ValueError(f"node {i} duplicates a sibling")
                 node = Node(toks, k, v, parent)
                 parent.children[int(toks[0])] = node
                 nodes.append(node)
@@ -295,12 +302,30 @@ class PromptCache:
             log.warning("prompt cache %s is corrupt (%s); starting empty", path, e)
             self.clear()
             return False
-        except Exception as e:  # msgpack raises its own exception types
-            log.warning("prompt cache %s is unreadable (%s); starting empty", path, e)
-            self.clear()
-            return False
         self.evict()
         return True
+
+
+def prune_saves(directory: Path, keep: Path, max_others: int = 1) -> list[Path]:
+    """Bound the prompt-cache directory: keep `keep`, the `max_others` most recent saves of
+    other fingerprints, and nothing else (format-1 index files, older saves, stale temps)."""
+    removed = remove_stale_temps(directory)
+    try:
+        saves = [p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")
+                 and p != keep]
+    except OSError:
+        return removed
+    current = sorted((p for p in saves if p.suffix == ".safetensors"),
+                     key=lambda p: p.stat().st_mtime, reverse=True)[:max_others]
+    for p in saves:
+        if p in current:
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError as e:
+            log.warning("cannot prune %s: %s", p, e)
+    return removed
 
 
 def _index_path(path: Path) -> Path:

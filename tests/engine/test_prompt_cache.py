@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 
 from engine.kv_cache import KVCache
 from engine.model import forward
-from engine.prompt_cache import PromptCache
+from engine.prompt_cache import PromptCache, prune_saves
 from tests.engine.tiny import tiny_config, tiny_weights
 
 CFG = tiny_config(context_length=512)
@@ -120,3 +122,98 @@ def test_corrupt_cache_file_is_ignored(tmp_path: Path, caplog: pytest.LogCapture
         assert not fresh.load(path, "fp")
     assert "corrupt" in caplog.text and fresh.n_nodes == 0
     assert not fresh.load(tmp_path / "missing.safetensors", "fp")
+
+
+def _saved(tmp_path: Path, doc: list[int], name: str = "pc.safetensors") -> tuple[Path, int]:
+    cache = new_cache()
+    run_cached(cache, doc)
+    path = tmp_path / name
+    cache.save(path, "fp")
+    return path, cache.n_tokens
+
+
+def _data_start(path: Path) -> int:
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_a_save_is_one_private_file_and_leaves_no_temp(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        path, _ = _saved(tmp_path / "dir", [2] + list(range(4, 40)))
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_one_percent_of_flipped_bytes_is_rejected(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    path, _ = _saved(tmp_path, [2] + list(range(4, 90)))
+    raw = bytearray(path.read_bytes())
+    start = _data_start(path)
+    rng = np.random.default_rng(0)
+    for i in rng.choice(np.arange(start, len(raw)), size=(len(raw) - start) // 100):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    fresh = new_cache()
+    with caplog.at_level(logging.WARNING):
+        assert not fresh.load(path, "fp")
+    assert "checksum" in caplog.text and fresh.n_nodes == 0
+
+
+def test_one_flipped_bit_in_the_tree_or_the_kv_is_rejected(tmp_path: Path) -> None:
+    path, _ = _saved(tmp_path, [2] + list(range(4, 40)))
+    good = path.read_bytes()
+    start = _data_start(path)
+    for where in (start + 3, start + 100, len(good) - 5):  # parents/tokens, K/V, the last V
+        raw = bytearray(good)
+        raw[where] ^= 0x10
+        path.write_bytes(bytes(raw))
+        assert not new_cache().load(path, "fp"), where
+    path.write_bytes(good)
+    assert new_cache().load(path, "fp")
+
+
+def test_the_index_of_one_save_cannot_meet_the_data_of_another(tmp_path: Path) -> None:
+    """What a kill between the old format's two renames produced: one save's index (here its
+    header: the tree layout and checksums) with another save's data of the same size."""
+    a, _ = _saved(tmp_path, [2] + list(range(4, 40)), "a.safetensors")
+    b, _ = _saved(tmp_path, [2] + list(range(50, 86)), "b.safetensors")
+    ha, hb = _data_start(a), _data_start(b)
+    assert a.stat().st_size - ha == b.stat().st_size - hb
+    mixed = tmp_path / "mixed.safetensors"
+    mixed.write_bytes(a.read_bytes()[:ha] + b.read_bytes()[hb:])
+    assert not new_cache().load(mixed, "fp")
+    assert new_cache().load(a, "fp") and new_cache().load(b, "fp")
+
+
+def test_an_empty_cache_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "empty.safetensors"
+    new_cache().save(path, "fp")
+    fresh = new_cache()
+    assert fresh.load(path, "fp") and fresh.n_nodes == 0
+
+
+def test_stale_temps_are_removed_and_the_directory_is_bounded(tmp_path: Path) -> None:
+    d = tmp_path / "prompt-cache"
+    keep, _ = _saved(d, [2] + list(range(4, 40)), "current.safetensors")
+    others = []
+    for i, name in enumerate(["old1.safetensors", "old2.safetensors", "old3.safetensors"]):
+        p, _ = _saved(d, [2, 4 + i], name)
+        os.utime(p, (1000 + i, 1000 + i))
+        others.append(p)
+    (d / "current.safetensors.index").write_bytes(b"format 1 index")
+    dead_pid = (1 << 22) + 1  # above the kernel's largest pid_max: never a live process
+    stale = d / f".current.safetensors.{dead_pid}.0123abcd.tmp"
+    stale.write_bytes(b"x" * 1000)
+    mine = d / f".current.safetensors.{os.getpid()}.0123abcd.tmp"  # being written: kept
+    mine.write_bytes(b"x")
+    legacy = [d / ".cache-abc.tmp", d / ".index-def.tmp"]
+    for p in legacy:
+        p.write_bytes(b"")
+        os.utime(p, (1000, 1000))
+    removed = prune_saves(d, keep)
+    assert stale in removed and all(p in removed for p in legacy)
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        [keep.name, "old3.safetensors", mine.name])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +96,98 @@ def test_mmap_rejects_garbage(tmp_path: Path) -> None:
 def test_unsupported_architecture_is_named() -> None:
     with pytest.raises(ValueError, match="llama"):
         ModelConfig.from_gguf_metadata({"general.architecture": "llama"}, vocab_size=10)
+
+
+def test_4kb_flipped_in_the_engine_ready_copy_is_rebuilt(
+    cache: Path, gguf_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = load_model_files(gguf_path)
+    want = np.array(good.tensors["layers.3.w_gate_up"])
+    st = good.ready_dir / "model.safetensors"
+    raw = bytearray(st.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 4096] = bytes(b ^ 0xFF for b in raw[mid:mid + 4096])
+    del good
+    st.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING):
+        files = load_model_files(gguf_path)
+    assert "fails its checksum" in caplog.text and "rebuilding" in caplog.text
+    np.testing.assert_array_equal(files.tensors["layers.3.w_gate_up"], want)
+
+
+def test_a_copy_without_checksums_is_rebuilt(cache: Path, gguf_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    ready = load_model_files(gguf_path).ready_dir
+    info = json.loads((ready / "engine.json").read_text())
+    del info["checksums"]
+    (ready / "engine.json").write_text(json.dumps(info))
+    with caplog.at_level(logging.WARNING):
+        load_model_files(gguf_path)
+    assert "no checksums" in caplog.text
+    assert "checksums" in json.loads((ready / "engine.json").read_text())
+
+
+def test_the_copy_is_private_and_a_killed_build_is_cleaned_up(
+    cache: Path, gguf_path: Path
+) -> None:
+    old = os.umask(0)
+    try:
+        first = load_model_files(gguf_path).ready_dir
+        killed = first.parent / f".{first.name}.{(1 << 22) + 1}.deadbeef.tmp"  # no such pid
+        killed.mkdir()
+        (killed / "model.safetensors").write_bytes(b"\0" * 4096)
+        load_model_files(gguf_path)
+    finally:
+        os.umask(old)
+    assert not killed.exists()
+    for p in [cache, *cache.rglob("*")]:
+        want = 0o700 if p.is_dir() else 0o600
+        assert stat.S_IMODE(p.stat().st_mode) == want, p
+
+
+def test_progress_is_reported_while_building(cache: Path, gguf_path: Path) -> None:
+    seen: list[tuple[str, float | None]] = []
+    load_model_files(gguf_path, progress=lambda m, f: seen.append((m, f)))
+    text = " ".join(m for m, _ in seen)
+    assert "sha256" in text and "dequantizing" in text and "writing" in text
+    fractions = [f for _, f in seen if f is not None]
+    assert fractions == sorted(fractions) and 0 < fractions[-1] < 1
+    seen.clear()
+    load_model_files(gguf_path, progress=lambda m, f: seen.append((m, f)))
+    assert seen == []  # a warm load has nothing slow to report
+
+
+def test_a_non_finite_gguf_tensor_is_refused(cache: Path, tmp_path: Path) -> None:
+    tensors = tiny_tensors(CFG)
+    tensors["layers.1.w_up"][3, 4] = np.inf
+    bad = tmp_path / "inf.gguf"
+    write_tiny_gguf(str(bad), CFG, tensors)
+    with pytest.raises(ValueError, match="inf.gguf.*non-finite"):
+        load_model_files(bad)
+
+
+def test_a_flipped_embedded_gguf_is_assembled_again(
+    cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The package's sha256 is checked again before a build (the memo trusts mtime)."""
+    from engine.weights import (
+        EMBEDDED_MODEL_NAME,
+        _checked_source,
+        embedded_model_path,
+        embedded_sha256,
+        file_sha256,
+    )
+
+    path = embedded_model_path()  # assembled into this test's cache dir
+    assert path.parent == cache / "models" and path.name == EMBEDDED_MODEL_NAME
+    memo = file_sha256(path)
+    st = path.stat()
+    with path.open("r+b") as f:
+        f.seek(10_000_000)
+        f.write(b"\xff" * 4096)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_sha256(path) == memo  # the memo does not see it
+    with caplog.at_level(logging.WARNING):
+        digest = _checked_source(path, memo, embedded=True, progress=lambda m, f: None)
+    assert digest == embedded_sha256() == file_sha256(path, fresh=True)
+    assert "assembling it again" in caplog.text
