@@ -1,15 +1,17 @@
 """The resident engine process: a Unix-socket server (frames in -> scheduler -> frames out)
-and its lifecycle (single-instance lock, idle exit, signals, prompt-cache persistence).
+and its lifecycle (single-instance lock, idle exit, signals, prompt-cache persistence, and
+the start-up status file the client watches: progress while a first start builds the model
+copy, the reason when it cannot start).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import signal
 import socket
-import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from typing import Any
 
 from engine import protocol as P
 from engine.http_api import ApiServer, HttpOptions
-from engine.integrity import remove_stale_temps
+from engine.integrity import atomic_write, remove_stale_temps
 from engine.prompt_cache import PromptCache, prune_saves
 from engine.runtime import Model, pin_blas_threads
 from engine.scheduler import Scheduler
@@ -150,6 +152,7 @@ class Daemon:
         self._stop = threading.Event()
         self._stop_reason = ""
         self._lock_fd: int | None = None
+        self._status_at = 0.0
         self.http_url: str | None = None
         self.model: Model
         self.scheduler: Scheduler
@@ -158,11 +161,14 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> int:
+        os.umask(0o077)  # everything the engine creates is the user's alone
         self._take_lock()  # before loading anything: a second daemon exits at once
         try:
+            self._status("starting", "loading the model")
             blas, threads = pin_blas_threads(self.opts.threads)
             t0 = time.perf_counter()
-            self.model = Model.load(self.opts.model)
+            self.model = Model.load(self.opts.model, progress=self._progress)
+            self._status("starting", "warming up the model")
             self.model.warm_up()
             cfg = self.model.config
             self.cache = PromptCache(cfg.n_layers, cfg.kv_heads_max, cfg.head_dim_max,
@@ -179,6 +185,7 @@ class Daemon:
                      self.path, blas, threads)
             self._install_signals()
             threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+            self._status("ready", f"serving {self.model.name}")
             while not self._stop.wait(0.5):
                 if self._idle_expired():
                     self.request_stop("idle")
@@ -189,9 +196,30 @@ class Daemon:
                 http.server_close()
             self.scheduler.stop()
             self.save_cache()
+            self._status("stopped", self._stop_reason)
             return 0
+        except Exception as e:
+            self._status("failed", str(e) if isinstance(e, ValueError)
+                         else f"{type(e).__name__}: {e}")
+            raise
         finally:
             self._cleanup()
+
+    def _status(self, state: str, message: str, fraction: float | None = None) -> None:
+        """Tell clients waiting for this engine how its start goes (P.status_path)."""
+        self._status_at = time.monotonic()
+        info = {"pid": os.getpid(), "state": state, "message": message, "fraction": fraction,
+                "time": time.time()}
+        try:
+            atomic_write(P.status_path(self.path), json.dumps(info))
+        except OSError as e:
+            log.warning("cannot write the status file: %s", e)
+
+    def _progress(self, message: str, fraction: float | None) -> None:
+        if fraction is None:
+            log.info("%s", message)
+        if time.monotonic() - self._status_at >= 0.2 or fraction is None:
+            self._status("starting", message, fraction)
 
     def _serve_http(self) -> ApiServer | None:
         opts = self.opts.http
@@ -265,11 +293,7 @@ class Daemon:
 
     def _take_lock(self) -> None:
         d = self.path.parent
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = d.stat()
-        if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
-            raise ValueError(f"{d}: must be a directory owned by you with mode 0700 "
-                             f"(it is {oct(stat.S_IMODE(st.st_mode))}, uid {st.st_uid})")
+        P.ensure_runtime_dir(d)
         lock_path = d / (self.path.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:

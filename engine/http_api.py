@@ -14,6 +14,8 @@ import itertools
 import json
 import logging
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
@@ -45,6 +47,34 @@ class HttpOptions:
     port: int
     token: str | None = None
     allow_remote: bool = False
+    request_timeout_s: float = 10.0  # to send a whole request (or to start the next one)
+    max_connections: int = 64
+
+    def __post_init__(self) -> None:
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request timeout must be > 0 s, got {self.request_timeout_s}")
+        if self.max_connections < 1:
+            raise ValueError(f"max connections must be >= 1, got {self.max_connections}")
+
+
+def read_token_file(path: str) -> str:
+    """The bearer token in `path` (surrounding whitespace dropped); ValueError naming the path
+    if it is unreadable, empty, or readable by other users."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--http-token-file {path}: cannot read it ({e})") from None
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise ValueError(f"--http-token-file {path}: other users can read it (mode "
+                         f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"--http-token-file {path}: want one token without spaces")
+    return token
 
 
 def parse_bind(value: str, allow_remote: bool) -> tuple[str, int]:
@@ -106,7 +136,8 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
         "top_p": float(_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1,
                               "a number in (0, 1]")),
         "top_k": _field(body, "top_k", int, 0, lambda v: v >= 0, "a non-negative integer"),
-        "seed": _field(body, "seed", int, None),
+        "seed": _field(body, "seed", int, None, lambda v: 0 <= v < 1 << 63,
+                       "an integer from 0 to 2**63-1"),
         "stop": list(stop or []),
     }
 
@@ -161,13 +192,28 @@ class _Reply:
         self.queue.put(msg)
 
 
-def _events(reply: _Reply, timeout: float) -> Iterator[P.Token | P.Done]:
+class ClientGone(Exception):
+    """The HTTP client closed its connection while its answer was being made."""
+
+
+POLL_S = 0.25  # how often a request waiting for the engine checks that its client is there
+
+
+def _events(reply: _Reply, timeout: float,
+            gone: Callable[[], bool] = lambda: False) -> Iterator[P.Token | P.Done]:
     while True:
-        try:
-            msg = reply.queue.get(timeout=timeout)
-        except queue.Empty:
-            raise ApiError(HTTPStatus.GATEWAY_TIMEOUT, f"no progress in {timeout:.0f}s",
-                           "timeout") from None
+        waited = 0.0
+        while True:
+            try:
+                msg = reply.queue.get(timeout=POLL_S)
+                break
+            except queue.Empty:
+                waited += POLL_S
+                if gone():
+                    raise ClientGone() from None
+                if waited >= timeout:
+                    raise ApiError(HTTPStatus.GATEWAY_TIMEOUT, f"no progress in {timeout:.0f}s",
+                                   "timeout") from None
         if isinstance(msg, P.Error):
             status = (HTTPStatus.BAD_REQUEST if msg.code in (P.E_BAD_REQUEST, P.E_TOO_LONG)
                       else HTTPStatus.SERVICE_UNAVAILABLE if msg.code == P.E_SHUTTING_DOWN
@@ -186,9 +232,35 @@ def _finish_reason(done: P.Done) -> str:
 class Handler(BaseHTTPRequestHandler):
     server: ApiServer
     protocol_version = "HTTP/1.1"
+    _body_read = False  # this request's body is consumed (or it has none)
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.info("http %s - %s", self.address_string(), fmt % args)
+
+    # -- connection
+
+    def handle_one_request(self) -> None:
+        self._body_read = False
+        self.server.arm(self.connection)  # the whole request must arrive in time
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.disarm(self.connection)
+
+    def _request_read(self) -> None:
+        """Line, headers and body are in: the time limit no longer applies."""
+        self._body_read = True
+        self.server.disarm(self.connection)
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its end (a pipelined next request is not that)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     # -- plumbing
 
@@ -197,6 +269,11 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if not self._body_read and self.headers.get("Content-Length", "0").strip() not in (
+                "", "0"):
+            # the body is still unread: it must not be parsed as the next request
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
 
@@ -225,6 +302,10 @@ class Handler(BaseHTTPRequestHandler):
                            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                            f"a JSON body of 1 to {MAX_BODY} bytes is needed, got {length}")
         raw = self.rfile.read(length)
+        if len(raw) < length:
+            self.close_connection = True
+            raise ClientGone()
+        self._request_read()
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -235,7 +316,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str) -> None:
         self.server.touch()
+        if method != "POST":
+            self._request_read()
         try:
+            if self.headers.get("Transfer-Encoding"):
+                raise ApiError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length "
+                               "(chunked bodies are not supported)")
             self._authorized()
             path = self.path.split("?")[0].rstrip("/")
             if method == "GET" and path in ("/v1/models", "/models"):
@@ -248,8 +334,10 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(HTTPStatus.NOT_FOUND, f"no route {method} {path}", "not_found")
         except ApiError as e:
             self._error(e)
+        except ClientGone:
+            self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
-            pass
+            self.close_connection = True
         except Exception as e:  # every failure becomes an error reply
             log.exception("http request failed")
             self._error(ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}",
@@ -288,7 +376,7 @@ class Handler(BaseHTTPRequestHandler):
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         name = self.server.model_name
-        events = _events(reply, self.server.timeout_s)
+        events = _events(reply, self.server.timeout_s, self._client_gone)
         try:
             if stream:
                 self._stream(events, cid, created, name, chat)
@@ -378,13 +466,80 @@ class ApiServer(ThreadingHTTPServer):
         self.touch = touch
         self.timeout_s = timeout_s
         self.created = int(time.time())
+        self._deadlines: dict[socket.socket, float] = {}  # connection -> must have sent by
+        self._open = 0
+        self._conn_lock = threading.Lock()
         super().__init__((opts.host, opts.port), Handler)
+
+    # -- the connection limit and the request timeout
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conn_lock:
+            full = self._open >= self.opts.max_connections
+            if not full:
+                self._open += 1
+        if full:
+            log.warning("http: %d connections open; refusing %s", self._open, client_address)
+            body = json.dumps({"error": {"message": f"too many connections (limit "
+                                         f"{self.opts.max_connections})", "type": "server_error",
+                                         "code": "too_many_connections", "param": None}})
+            try:
+                request.settimeout(1.0)
+                request.sendall(f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                                f"application/json\r\nContent-Length: {len(body)}\r\n"
+                                f"Connection: close\r\n\r\n{body}".encode())
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            with self._conn_lock:
+                self._open -= 1
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self.disarm(request)
+            with self._conn_lock:
+                self._open -= 1
+
+    def arm(self, conn: socket.socket) -> None:
+        with self._conn_lock:
+            self._deadlines[conn] = time.monotonic() + self.opts.request_timeout_s
+
+    def disarm(self, conn: socket.socket) -> None:
+        with self._conn_lock:
+            self._deadlines.pop(conn, None)
+
+    def _reap(self) -> None:
+        """Close connections that did not send their request in time (idle or slow)."""
+        while True:
+            time.sleep(min(0.5, self.opts.request_timeout_s / 4))
+            now = time.monotonic()
+            with self._conn_lock:
+                late = [c for c, t in self._deadlines.items() if t < now]
+                for c in late:
+                    del self._deadlines[c]
+            for c in late:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)  # its handler's read ends; the thread exits
+                except OSError:
+                    pass
+
+    def connections(self) -> int:
+        with self._conn_lock:
+            return self._open
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created,
                 "owned_by": "gemma-lsp"}
 
     def start(self) -> threading.Thread:
+        threading.Thread(target=self._reap, name="http-reaper", daemon=True).start()
         thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
         thread.start()
         return thread

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -31,8 +32,9 @@ log = logging.getLogger(__name__)
 CHECKSUM_ALGO = "u64sum-1MiB+blake2b"
 _BLOCK_WORDS = (1 << 20) // 8
 _TEMP = re.compile(r"^\..*\.(\d+)\.[0-9a-f]{8}\.tmp$")  # .NAME.PID.RANDOM.tmp (ours)
-# what earlier versions left behind when killed (no writer pid in the name)
-_LEGACY_TEMP = re.compile(r"^\.(cache-|index-|build-).*$|^.*\.part$")
+# what earlier versions (and the safetensors library's writer) left behind when killed: no
+# writer pid in the name
+_LEGACY_TEMP = re.compile(r"^\.(cache-|index-|build-).*$|^.*\.part$|^\.tmp[A-Za-z0-9]{6}$")
 LEGACY_MIN_AGE_S = 600.0
 
 
@@ -169,6 +171,37 @@ def remove_stale_temps(directory: Path, now: float | None = None) -> list[Path]:
         log.warning("removed %s, left by an interrupted write", path)
         removed.append(path)
     return removed
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+              np.dtype(np.int64): "I64", np.dtype(np.uint16): "BF16"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str]) -> None:
+    """Write a safetensors file straight into `path` (no library temp file beside it, no
+    second copy in memory): 8-byte header length, JSON header, tensor bytes in order."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    arrays = []
+    for name, a in tensors.items():
+        arr = np.ascontiguousarray(a)
+        if arr.dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name}: cannot store dtype {arr.dtype}")
+        header[name] = {"dtype": _ST_DTYPES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for arr in arrays:
+            if arr.nbytes:
+                f.write(arr.reshape(-1).view(np.uint8).data)
 
 
 # ----------------------------------------------------------------------------- checksums

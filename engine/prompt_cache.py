@@ -23,6 +23,7 @@ from engine.integrity import (
     checksums,
     remove_stale_temps,
     verify,
+    write_safetensors,
 )
 from engine.kv_cache import KVCache
 
@@ -236,8 +237,6 @@ class PromptCache:
         The tree (tokens and parent of every node) and the K/V are tensors of the same file,
         and the header carries a checksum of each: an index cannot meet another save's data.
         """
-        from safetensors.numpy import save_file
-
         nodes = list(self._nodes())
         ids = {id(n): i for i, n in enumerate(nodes)}
         tensors = {"parents": np.array([ids.get(id(n.parent), -1) for n in nodes],
@@ -250,7 +249,7 @@ class PromptCache:
                 "shape": json.dumps(list(self.shape)), "checksum_algo": CHECKSUM_ALGO,
                 "checksums": json.dumps(checksums(tensors))}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+            write_safetensors(tmp, tensors, meta)
         for old in (_index_path(path),):  # what the format-1 save wrote beside it
             if old.exists():
                 old.unlink()

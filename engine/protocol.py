@@ -8,8 +8,10 @@ request carries a client-chosen integer `id`; replies echo it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,3 +270,65 @@ def runtime_dir() -> Path:
 
 def socket_path() -> Path:
     return runtime_dir() / "engine.sock"
+
+
+def _uid() -> int:
+    return os.getuid()
+
+
+def check_private_dir(d: Path) -> None:
+    """ValueError unless `d` is a real directory owned by this user with mode 0700: anyone
+    else who can write there could put their own socket in it and read our code (both the
+    engine, before it listens, and the client, before it connects, check)."""
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        raise ValueError(f"{d} does not exist") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != _uid() or mode & 0o077:
+        what = ("a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+                if not stat.S_ISDIR(st.st_mode) else f"mode {mode:04o}, owner uid {st.st_uid}")
+        raise ValueError(
+            f"refusing the engine's runtime directory {d}: it must be a directory owned by you "
+            f"(uid {_uid()}) with mode 0700, and it is {what}; another user could be "
+            f"listening there. Remove it (or chmod 700 it if it is yours), or set "
+            f"GEMMA_LSP_RUNTIME_DIR / XDG_RUNTIME_DIR to a private directory")
+
+
+def ensure_runtime_dir(d: Path) -> None:
+    """Create `d` (mode 0700, whatever the umask) if it is missing, then `check_private_dir`."""
+    if not os.path.lexists(d):
+        d.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(d, 0o700)
+            os.chmod(d, 0o700)
+        except FileExistsError:
+            pass  # someone else made it meanwhile: the check below decides
+    check_private_dir(d)
+
+
+def check_socket_owner(path: Path) -> None:
+    """ValueError unless `path` (if it exists) is a socket owned by this user."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != _uid():
+        raise ValueError(f"refusing {path}: not a socket owned by you (uid {st.st_uid})")
+
+
+# ----------------------------------------------------------------------------- start-up status
+
+
+def status_path(sock: Path) -> Path:
+    """Where the engine listening on `sock` reports its start-up (JSON: pid, state of
+    starting / ready / failed / stopped, message, fraction)."""
+    return sock.with_name(sock.name + ".status")
+
+
+def read_status(sock: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(status_path(sock).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

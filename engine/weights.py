@@ -36,6 +36,7 @@ from engine.integrity import (
     remove_stale_temps,
     temp_name,
     verify,
+    write_safetensors,
 )
 from engine.model import pack_tensors
 from engine.tokenizer import Tokenizer
@@ -103,6 +104,9 @@ def embedded_sha256() -> str:
     return str(pkg.EXPECTED_SHA256)
 
 
+_HASHED_NOW: set[str] = set()  # memo keys whose bytes this process hashed itself
+
+
 def file_sha256(path: Path, fresh: bool = False) -> str:
     """sha256 of a file, memoised by (path, size, mtime) so a warm start does not re-hash
     (`fresh`: hash the bytes now and update the memo)."""
@@ -122,8 +126,14 @@ def file_sha256(path: Path, fresh: bool = False) -> str:
             h.update(block)
     digest = h.hexdigest()
     memo[key] = digest
+    _HASHED_NOW.add(key)
     atomic_write(memo_path, json.dumps(memo))
     return digest
+
+
+def _hashed_now(path: Path) -> bool:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}" in _HASHED_NOW
 
 
 # --------------------------------------------------------------------------- GGUF reading
@@ -269,7 +279,7 @@ def _checked_source(path: Path, digest: str, embedded: bool, progress: Progress)
     """Before a build: hash the source's bytes now (the memo trusts size and mtime). The
     embedded model must match its package's sha256, else it is assembled again."""
     progress(f"checking {path.name} (sha256)", None)
-    fresh = file_sha256(path, fresh=True)
+    fresh = digest if _hashed_now(path) else file_sha256(path, fresh=True)
     if embedded and fresh != embedded_sha256():
         log.warning("%s does not match its package's sha256 (%s, want %s): assembling it again",
                     path, fresh[:12], embedded_sha256()[:12])
@@ -386,14 +396,12 @@ def write_ready(
 ) -> None:
     """Write an engine-ready directory atomically: build it in a private temp dir named after
     this process (a later start removes it if we are killed), fsync, then rename."""
-    from safetensors.numpy import save_file
-
     private_dir(ready.parent)
     tmp = temp_name(ready)
     os.mkdir(tmp, 0o700)
     try:
         tensors = dict(packed)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"source_sha256": digest})
+        write_safetensors(tmp / "model.safetensors", tensors, {"source_sha256": digest})
         tokenizer.save(tmp)
         info = {
             "version": ENGINE_READY_VERSION,

@@ -23,6 +23,13 @@ class BackendError(Exception):
     """The model backend is unreachable or refused a request (message is user-facing)."""
 
 
+class BackendStarting(BackendError):
+    """The backend is still starting (its progress is shown separately): answer empty."""
+
+
+START_WAIT_S = 3.0  # a request waits this long for a starting engine, then answers empty
+
+
 @dataclass
 class Finish:
     """How a stream ended (mirrors the engine's Done message)."""
@@ -108,22 +115,35 @@ class EngineBackend:
         from gemma_lsp.engine_client import EngineClient
 
         self._lock = threading.Lock()
+        self._socket_path = socket_path
         self._make = lambda: EngineClient(socket_path=socket_path, autostart=autostart,
-                                          model=model)
+                                          model=model, start_wait=START_WAIT_S,
+                                          on_start=self._on_start, connect=False)
         self._client: Any = None
+        self._listener: Any = None
         self.model_name = "gemma-3-270m"
+
+    def listen(self, listener: Any) -> None:
+        """`listener(engine_client.StartEvent)` hears how an engine start goes (any thread)."""
+        self._listener = listener
+
+    def _on_start(self, event: Any) -> None:
+        if self._listener is not None:
+            self._listener(event)
 
     def _get(self) -> Any:
         from gemma_lsp.engine_client import EngineError
 
         with self._lock:
             if self._client is None:
-                try:
-                    self._client = self._make()
-                    self.model_name = getattr(self._client, "model", "") or self.model_name
-                except EngineError as e:
-                    raise BackendError(str(e)) from e
-            return self._client
+                self._client = self._make()
+            client = self._client
+        try:
+            client.connect()
+        except EngineError as e:
+            raise (BackendStarting if e.code == "starting" else BackendError)(str(e)) from e
+        self.model_name = getattr(client, "model", "") or self.model_name
+        return client
 
     def start(self, prompt: str, *, max_tokens: int, temperature: float = 0.0,
               stop: list[str] | None = None, doc: str = "", priority: int = 0,
@@ -155,13 +175,14 @@ class EngineBackend:
             raise BackendError(str(e)) from e
 
     def restart(self) -> None:
-        from gemma_lsp.engine_client import EngineError
+        from gemma_lsp.engine_client import EngineClient, EngineError
 
         with self._lock:
             client, self._client = self._client, None
         try:
-            if client is None:
-                client = self._make()
+            if client is None:  # stop whatever runs there, without starting one to stop it
+                client = EngineClient(socket_path=self._socket_path, autostart=False,
+                                      connect=False)
             client.shutdown()
         except EngineError:
             pass  # already gone: the next request starts a fresh one

@@ -58,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--http", metavar="HOST:PORT",
                    help="also serve an OpenAI-compatible API (/v1/models, /v1/completions, "
                    "/v1/chat/completions) from this engine, e.g. 127.0.0.1:8088")
-    e.add_argument("--http-token", help="require this bearer token (default: "
+    e.add_argument("--http-token-file", metavar="PATH",
+                   help="require the bearer token in this file (mode 0600; default: "
                    "$GEMMA_LSP_HTTP_TOKEN; none)")
+    # refused with an explanation: every local user can read a process's arguments
+    e.add_argument("--http-token", help=argparse.SUPPRESS)
     e.add_argument("--http-allow-remote", action="store_true",
                    help="allow a non-loopback --http address")
     _add_model_args(e)
@@ -211,13 +214,18 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
     if not args.verbose:
         logging.getLogger("gemma-lsp.engine").setLevel(logging.INFO)
+    if args.http_token is not None:
+        raise CliError("--http-token would show the token to every local user (in "
+                       "/proc/PID/cmdline and ps); put it in a file only you can read and pass "
+                       "--http-token-file PATH, or set $GEMMA_LSP_HTTP_TOKEN")
     try:
         http = None
         if args.http:
-            from engine.http_api import HttpOptions, parse_bind
+            from engine.http_api import HttpOptions, parse_bind, read_token_file
 
             host, port = parse_bind(args.http, args.http_allow_remote)
-            token = args.http_token or os.environ.get("GEMMA_LSP_HTTP_TOKEN") or None
+            token = (read_token_file(args.http_token_file) if args.http_token_file
+                     else os.environ.get("GEMMA_LSP_HTTP_TOKEN") or None)
             http = HttpOptions(host, port, token, args.http_allow_remote)
         opts = DaemonOptions(
             socket=args.socket, idle_timeout_s=args.idle_timeout, cache_mb=args.cache_mb,

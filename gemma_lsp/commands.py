@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import tempfile
+import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -19,8 +20,11 @@ from typing import Any
 from lsprotocol import types as t
 from pygls.lsp.server import LanguageServer
 
+from engine.protocol import ensure_runtime_dir, runtime_dir
 from gemma_lsp.actions import ActionError, ActionService, CancelScope, range_from_json
 from gemma_lsp.backend import Backend, BackendError
+
+log = logging.getLogger(__name__)
 
 COMMANDS = (
     "gemma.explain",
@@ -175,9 +179,38 @@ class CommandService:
         if len(text) <= SHORT_EXPLANATION or caps is None or not caps.show_document:
             self.notify(text or "(no explanation)", t.MessageType.Info)
             return
-        out = Path(tempfile.gettempdir()) / f"gemma-explain-{uuid.uuid4().hex[:8]}.md"
-        out.write_text(text + "\n")
+        out = write_private_explanation(text)
+        if out is None:
+            self.notify(text, t.MessageType.Info)
+            return
         self.ls.window_show_document(t.ShowDocumentParams(uri=out.as_uri(), take_focus=False))
+
+
+KEEP_EXPLANATIONS = 20
+
+
+def write_private_explanation(text: str, directory: Path | None = None) -> Path | None:
+    """Write an explanation for the editor to open: a 0600 file in a 0700 directory of the
+    user's runtime dir (the user's code must not be readable by other users); the oldest
+    beyond KEEP_EXPLANATIONS are removed. None if no private directory is available."""
+    try:
+        if directory is None:
+            ensure_runtime_dir(runtime_dir())
+            directory = runtime_dir() / "explanations"
+        if not os.path.lexists(directory):
+            os.mkdir(directory, 0o700)
+        ensure_runtime_dir(directory)
+        out = directory / f"explain-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.md"
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        old = sorted(directory.glob("explain-*.md"), key=lambda p: p.stat().st_mtime)
+        for stale in old[:-KEEP_EXPLANATIONS]:
+            stale.unlink(missing_ok=True)
+        return out
+    except (OSError, ValueError) as e:
+        log.warning("cannot write the explanation to a private file: %s", e)
+        return None
 
 
 def _diagnostics_arg(args: list[Any]) -> list[str]:

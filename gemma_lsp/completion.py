@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gemma_lsp.backend import Backend, BackendError, astart, astream
+from gemma_lsp.backend import Backend, BackendError, BackendStarting, astart, astream
 from gemma_lsp.config import ServerOptions
 from gemma_lsp.context import CompletionContext, build_context
 from gemma_lsp.documents import Document, DocumentStore
@@ -197,6 +197,8 @@ class CompletionService:
                     self._spawn(self._finish_later(uri, ctx, before, pieces, text))
                     pieces = None  # the background task owns (and closes) the stream now
                     return text
+        except BackendStarting:  # its progress is on show: answer empty, say nothing
+            return None
         except BackendError as e:
             self.on_error(str(e))
             return None

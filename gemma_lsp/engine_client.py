@@ -1,6 +1,13 @@
 """Client side of the engine socket: connect (starting the daemon if none runs), stream replies
 by request id, cancel, and reconnect after the engine died. Imports no numpy: only
 `engine.protocol` from the engine package.
+
+Before connecting, the runtime directory must be the user's own (0700): a socket elsewhere may
+belong to someone else. Starting an engine is one `_Start` per socket path, watched from a
+thread: progress from the engine's status file, and when it cannot start, its own reason (the
+status file, else its exit status and the end of its log) the moment it exits. A caller waits
+at most `start_wait` seconds for it; a failure is answered at once for START_RETRY_S, then the
+next request tries again.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,141 @@ class EngineError(Exception):
     def __init__(self, message: str, code: str = "unavailable") -> None:
         super().__init__(message)
         self.code = code
+
+
+START_RETRY_S = 2.0  # after a failed start, requests fail at once this long, then retry
+LOG_MAX_BYTES = 4 << 20  # engine.log is rotated to engine.log.1 past this
+
+
+@dataclass(frozen=True)
+class StartEvent:
+    """How an engine start goes: kind is "progress", "ready" or "failed"."""
+
+    kind: str
+    message: str
+    fraction: float | None = None
+
+
+StartListener = Callable[[StartEvent], None]
+
+
+class _Start:
+    """One attempt to bring up the engine at `path`: spawn it, then watch its status file, the
+    process and the socket until it listens, fails or `timeout` passes."""
+
+    def __init__(self, path: Path, cmd: list[str], timeout: float,
+                 listener: StartListener | None) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.listener = listener
+        self.state = "starting"  # -> ready | failed
+        self.message = "starting the engine"
+        self.fraction: float | None = None
+        self.ended_at = 0.0
+        self.started_at = time.time()
+        self.done = threading.Event()
+        self.logfile = path.parent / "engine.log"
+        self._log_start = 0
+        self.proc = self._spawn(cmd)
+        threading.Thread(target=self._watch, name="engine-start", daemon=True).start()
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
+        try:
+            if self.logfile.stat().st_size > LOG_MAX_BYTES:
+                os.replace(self.logfile, self.logfile.with_name("engine.log.1"))
+        except OSError:
+            pass
+        fd = os.open(self.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._log_start = os.fstat(fd).st_size
+        log.info("starting the engine: %s (log: %s)", " ".join(cmd), self.logfile)
+        try:
+            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                    start_new_session=True, env=dict(os.environ))
+        finally:
+            os.close(fd)
+
+    def _watch(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        seen: tuple[Any, ...] = ()
+        while time.monotonic() < deadline:
+            if _connectable(self.path):
+                return self._end("ready", "the engine is ready")
+            status = P.read_status(self.path) or {}
+            alive = _alive(status.get("pid"))
+            state, message = status.get("state"), str(status.get("message"))
+            if state == "failed" and not status.get("time", 0) >= self.started_at:
+                state = "stale"  # an earlier attempt's failure (that engine may still exit)
+            if alive and state == "failed":
+                return self._end("failed", message)
+            if alive and state == "starting" and (message, status.get("fraction")) != seen:
+                seen = (message, status.get("fraction"))
+                fraction = status.get("fraction")
+                self.message = message
+                self.fraction = float(fraction) if isinstance(fraction, int | float) else None
+                self._tell(StartEvent("progress", self.message, self.fraction))
+            rc = self.proc.poll()
+            if rc is not None:
+                if status.get("pid") == self.proc.pid and state == "failed":
+                    return self._end("failed", message)  # ours, and it said why
+                if not (rc == 0 and alive and state == "starting"):  # not: another one starts
+                    if _connectable(self.path):
+                        return self._end("ready", "the engine is ready")
+                    return self._end("failed", self._exit_reason(rc))
+            time.sleep(0.1)
+        self.proc.poll()
+        self._end("failed", f"the engine did not start within {self.timeout:.0f}s (see "
+                            f"{self.logfile})")
+
+    def _exit_reason(self, rc: int) -> str:
+        """The last meaningful line the engine wrote to its log, and how it exited."""
+        try:
+            with open(self.logfile, "rb") as f:
+                f.seek(self._log_start)
+                tail = f.read()[-4000:].decode(errors="replace")
+        except OSError:
+            tail = ""
+        lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "error" in ln.lower() or ln.startswith("gemma-lsp:")]
+        last = (errors or lines or [""])[-1].removeprefix("gemma-lsp: error: ")
+        how = f"exit status {rc}" if rc >= 0 else f"killed by signal {-rc}"
+        return f"{last} ({how}; log: {self.logfile})" if last else \
+            f"the engine exited ({how}; log: {self.logfile})"
+
+    def _end(self, state: str, message: str) -> None:
+        self.state, self.message = state, message
+        self.ended_at = time.monotonic()
+        self.done.set()
+        self._tell(StartEvent(state, message))
+
+    def _tell(self, event: StartEvent) -> None:
+        if self.listener is not None:
+            try:
+                self.listener(event)
+            except Exception:  # noqa: BLE001 - a listener must not stop the watch
+                log.exception("start listener failed")
+
+
+def _connectable(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _CLOSED = object()  # queued to every pending request when the connection drops
@@ -85,11 +228,19 @@ class EngineClient:
         model: str | None = None,
         start_timeout: float = 300.0,
         name: str = "gemma-lsp",
+        start_wait: float | None = None,
+        on_start: StartListener | None = None,
+        connect: bool = True,
     ) -> None:
+        """`start_wait`: how long a request waits for a starting engine before it fails with
+        code "starting" (default: `start_timeout`); `on_start` hears how a start goes;
+        `connect=False` connects on the first request."""
         self.path = Path(socket_path) if socket_path else P.socket_path()
         self.autostart = autostart
         self.model_path = model
         self.start_timeout = start_timeout
+        self.start_wait = start_timeout if start_wait is None else start_wait
+        self.on_start = on_start
         self.name = name
         self.model = ""
         self.pid = 0
@@ -97,7 +248,9 @@ class EngineClient:
         self._lock = threading.Lock()  # guards the socket, pending map and reconnects
         self._sock: socket.socket | None = None
         self._pending: dict[int, RequestHandle | None] = {}  # None: replies are discarded
-        self._connect()
+        self._start: _Start | None = None
+        if connect:
+            self._connect()
 
     # ------------------------------------------------------------------ requests
 
@@ -138,6 +291,10 @@ class EngineClient:
         deadline = time.monotonic() + timeout
         while self._sock is not None and time.monotonic() < deadline:
             time.sleep(0.05)
+
+    def connect(self) -> None:
+        """Connect now if not connected (EngineError as for a request)."""
+        self._connect()
 
     def close(self) -> None:
         with self._lock:
@@ -187,16 +344,7 @@ class EngineClient:
         with self._lock:
             if self._sock is not None:
                 return
-            sock = self._try_connect()
-            if sock is None and self.autostart:
-                self._start_daemon()
-                deadline = time.monotonic() + self.start_timeout
-                while sock is None and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                    sock = self._try_connect()
-            if sock is None:
-                hint = " (autostart is off)" if not self.autostart else ""
-                raise EngineError(f"no engine is listening on {self.path}{hint}")
+            sock = self._open()
             try:
                 sock.sendall(P.encode(P.Hello(client=self.name)))
                 reply = P.read_frame(sock)
@@ -214,6 +362,39 @@ class EngineClient:
         threading.Thread(target=self._read, args=(sock,), name="engine-reader",
                          daemon=True).start()
 
+    def _open(self) -> socket.socket:
+        """A connected socket to a trusted engine, starting one if allowed (lock held)."""
+        try:
+            if self.autostart:
+                P.ensure_runtime_dir(self.path.parent)
+            elif os.path.lexists(self.path.parent):
+                P.check_private_dir(self.path.parent)
+            P.check_socket_owner(self.path)
+        except (ValueError, OSError) as e:
+            raise EngineError(str(e), "unsafe") from e
+        sock = self._try_connect()
+        if sock is not None:
+            return sock
+        if not self.autostart:
+            raise EngineError(f"no engine is listening on {self.path} (autostart is off)")
+        start = self._start
+        if start is not None and start.state == "failed" and \
+                time.monotonic() - start.ended_at < START_RETRY_S:
+            raise EngineError(f"the engine cannot start: {start.message}", "start_failed")
+        if start is None or start.state != "starting":
+            start = self._start = _Start(self.path, self._command(), self.start_timeout,
+                                         self.on_start)
+        start.done.wait(self.start_wait)
+        sock = self._try_connect()
+        if sock is not None:
+            return sock
+        if start.state == "failed":
+            raise EngineError(f"the engine cannot start: {start.message}", "start_failed")
+        if start.state == "ready":  # it listened, then went away again
+            raise EngineError(f"the engine stopped right after starting (log: "
+                              f"{start.logfile})")
+        raise EngineError(f"the engine is starting ({start.message})", "starting")
+
     def _try_connect(self) -> socket.socket | None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -223,16 +404,11 @@ class EngineClient:
             s.close()
             return None
 
-    def _start_daemon(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    def _command(self) -> list[str]:
         cmd = [sys.executable, "-m", "gemma_lsp", "engine", "--socket", str(self.path)]
         if self.model_path:
             cmd += ["--model", self.model_path]
-        logfile = self.path.parent / "engine.log"
-        log.info("starting the engine: %s (log: %s)", " ".join(cmd), logfile)
-        with open(logfile, "ab") as out:
-            subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                             start_new_session=True, env=dict(os.environ))
+        return cmd
 
     def _read(self, sock: socket.socket) -> None:
         try:

@@ -4,6 +4,7 @@ delegate to the documents / completion / actions / commands rooms, return.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -17,6 +18,7 @@ from gemma_lsp.commands import COMMANDS, CommandService
 from gemma_lsp.completion import CompletionService
 from gemma_lsp.config import ServerOptions, parse_options
 from gemma_lsp.documents import DocumentStore
+from gemma_lsp.engine_status import StartNotifier
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class GemmaServer(LanguageServer):
         self._backend_factory = backend_factory or _default_backend
         self._backend: Backend | None = None
         self._warned: set[str] = set()
+        self.start_notifier = StartNotifier(self, self.engine_error, self._warned.clear)
         self.completion = CompletionService(
             self.store, self.backend, lambda: self.options, self.engine_error,
             root_uri=lambda: self._root_uri,
@@ -44,6 +47,9 @@ class GemmaServer(LanguageServer):
     def backend(self) -> Backend:
         if self._backend is None:
             self._backend = self._backend_factory(self.options)
+            listen = getattr(self._backend, "listen", None)
+            if listen is not None:  # the built-in engine tells how its start goes
+                listen(self.start_notifier)
         return self._backend
 
     def apply_options(self, raw: Any, base: ServerOptions | None = None) -> None:
@@ -132,6 +138,7 @@ def create_server(backend_factory: Any = None) -> GemmaServer:
     @server.feature(t.INITIALIZE)
     def initialize(ls: GemmaServer, params: t.InitializeParams) -> None:
         ls._root_uri = params.root_uri
+        ls.start_notifier.loop = asyncio.get_running_loop()
         ls.store.encoding = ls.workspace.position_encoding
         ls.apply_options(params.initialization_options)
         if not ls.classic_completion():

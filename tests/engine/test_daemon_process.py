@@ -241,11 +241,12 @@ def test_cache_persists_across_restart_and_a_wrong_fingerprint_is_rejected(
     c.shutdown()
     engine.proc.wait(30)
 
-    # tamper with the saved index's fingerprint: the next engine must ignore the file
-    index = saved.with_name(saved.name + ".index")
-    data = msgpack.unpackb(index.read_bytes())
-    data["fingerprint"] = "not-this-model"
-    index.write_bytes(msgpack.packb(data))
+    # tamper with the save's fingerprint (same length): the next engine must ignore the file
+    assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]  # one file
+    raw = saved.read_bytes()
+    head = 8 + int.from_bytes(raw[:8], "little")
+    fp = json.loads(raw[8:head])["__metadata__"]["fingerprint"]
+    saved.write_bytes(raw[:head].replace(fp.encode(), b"f" * len(fp)) + raw[head:])
     engine.start("--cache-file", str(saved))
     c = engine.client()
     _, done = text_of(c.generate(PROMPT, max_tokens=2))

@@ -53,3 +53,17 @@ def test_checksum_notices_one_flipped_bit_anywhere() -> None:
     assert checksum(a.copy()) == base
     with pytest.raises(ValueError, match="w fails its checksum"):
         verify({"w": a[::-1].copy()}, {"w": base}, "here")
+
+
+def test_our_safetensors_writer_is_read_back_by_the_library(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    from engine.integrity import write_safetensors
+
+    t = {"a": np.arange(7, dtype=np.float32).reshape(7, 1), "b": np.array([3, -1], np.int64),
+         "empty": np.zeros((2, 0, 3), np.float32)}
+    write_safetensors(tmp_path / "x.safetensors", t, {"k": "v"})
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert sorted(back) == sorted(t)
+    for name, a in t.items():
+        np.testing.assert_array_equal(back[name], a)

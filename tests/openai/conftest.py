@@ -40,9 +40,9 @@ def http_engine() -> Iterator[HttpEngine]:
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gemma_lsp", "engine", "--no-persist", "--idle-timeout", "0",
-             "--socket", str(run / "engine.sock"), "--http", f"127.0.0.1:{port}",
-             "--http-token", TOKEN],
-            env=dict(os.environ, GEMMA_LSP_RUNTIME_DIR=str(run)), stdout=out,
+             "--socket", str(run / "engine.sock"), "--http", f"127.0.0.1:{port}"],
+            env=dict(os.environ, GEMMA_LSP_RUNTIME_DIR=str(run), GEMMA_LSP_HTTP_TOKEN=TOKEN),
+            stdout=out,
             stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while True:
