@@ -457,6 +457,7 @@ class Handler(BaseHTTPRequestHandler):
 
 class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # a burst of connections waits to be accepted (and counted)
 
     def __init__(self, opts: HttpOptions, scheduler: Any, model_name: str,
                  touch: Callable[[], None] = lambda: None, timeout_s: float = 600.0) -> None:
