@@ -20,7 +20,7 @@ from typing import Any
 
 from engine import protocol as P
 from engine.http_api import ApiServer, HttpOptions
-from engine.integrity import atomic_write, remove_stale_temps
+from engine.integrity import atomic_write, private_dir, remove_stale_temps
 from engine.prompt_cache import PromptCache, prune_saves
 from engine.runtime import Model, pin_blas_threads
 from engine.scheduler import Scheduler
@@ -174,6 +174,8 @@ class Daemon:
             self.cache = PromptCache(cfg.n_layers, cfg.kv_heads_max, cfg.head_dim_max,
                                      self.opts.cache_mb << 20)
             if self.opts.persist:
+                if self.opts.cache_file is None:  # our own directory (older versions: 0755)
+                    private_dir(self.cache_file.parent, tighten=True)
                 remove_stale_temps(self.cache_file.parent)  # a save killed half-way
                 if self.cache.load(self.cache_file, self.model.fingerprint):
                     log.info("prompt cache loaded: %d tokens", self.cache.n_tokens)

@@ -41,9 +41,10 @@ LEGACY_MIN_AGE_S = 600.0
 # ----------------------------------------------------------------------------- permissions
 
 
-def private_dir(path: Path) -> Path:
-    """Create `path` (and missing parents) as 0700 directories; tighten it if it exists with
-    group/other access and is ours. Returns `path`."""
+def private_dir(path: Path, tighten: bool = False) -> Path:
+    """Create `path` (and missing parents) as 0700 directories; with `tighten`, also remove
+    group/other access from an existing one of ours (our own cache dirs, made by earlier
+    versions; never a directory the user named). Returns `path`."""
     missing = []
     p = path
     while not p.exists():
@@ -60,7 +61,7 @@ def private_dir(path: Path) -> Path:
     st = path.stat()
     if not stat.S_ISDIR(st.st_mode):
         raise ValueError(f"{path}: not a directory")
-    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
+    if tighten and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
         os.chmod(path, 0o700)
     return path
 

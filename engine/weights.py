@@ -245,7 +245,8 @@ def load_model_files(source: str | Path | None = None,
     else:
         digest = file_sha256(path)
         build = _build_ready_from_gguf
-    root = private_dir(cache_root() / "engine-ready")
+    private_dir(cache_root(), tighten=True)
+    root = private_dir(cache_root() / "engine-ready", tighten=True)
     remove_stale_temps(root)  # a build killed half-way
     ready = _try_ready(root, path, digest)
     if isinstance(ready, ModelFiles):

@@ -82,6 +82,7 @@ class _Start:
         except OSError:
             pass
         fd = os.open(self.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)  # one an older version made may be 0644
         self._log_start = os.fstat(fd).st_size
         log.info("starting the engine: %s (log: %s)", " ".join(cmd), self.logfile)
         try:
@@ -344,13 +345,20 @@ class EngineClient:
         with self._lock:
             if self._sock is not None:
                 return
-            sock = self._open()
-            try:
-                sock.sendall(P.encode(P.Hello(client=self.name)))
-                reply = P.read_frame(sock)
-            except (OSError, P.ProtocolError) as e:
-                sock.close()
-                raise EngineError(f"engine handshake failed: {e}") from e
+            for attempt in (1, 2):
+                sock = self._open()
+                try:
+                    sock.sendall(P.encode(P.Hello(client=self.name)))
+                    reply = P.read_frame(sock)
+                    if reply is None:
+                        raise ConnectionResetError("closed before its hello reply")
+                    break
+                except (OSError, P.ProtocolError) as e:
+                    sock.close()
+                    # a dying engine's listener may still take a connection, then drop it
+                    if attempt == 2 or not isinstance(e, ConnectionError):
+                        raise EngineError(f"engine handshake failed: {e}") from e
+                    time.sleep(0.2)
             if isinstance(reply, P.Error):
                 sock.close()
                 raise EngineError(reply.message, reply.code)

@@ -375,11 +375,14 @@ async def test_dead_engine_is_a_clear_error_and_the_next_request_restarts_it(
         text_document=t.TextDocumentIdentifier(URI), position=end_of(CODE),
         context=t.InlineCompletionContext(trigger_kind=t.InlineCompletionTriggerKind.Invoked))
     first = await client.text_document_inline_completion_async(params)
-    # answered (an empty result while the engine is down, or a result from a new engine)
-    for _ in range(3):  # the engine is started again on demand
+    # answered (an empty result while the engine is down or starting, or a result from a new
+    # engine: a request waits at most backend.START_WAIT_S for a starting one)
+    deadline = time.monotonic() + 120
+    while True:  # the engine is started again on demand
         res = await client.text_document_inline_completion_async(params)
-        if res is not None and res.items:
+        if (res is not None and res.items) or time.monotonic() > deadline:
             break
+        await asyncio.sleep(0.2)
     assert res is not None and res.items
     after = await client.workspace_execute_command_async(
         t.ExecuteCommandParams(command="gemma.status"))

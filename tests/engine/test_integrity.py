@@ -23,7 +23,9 @@ def test_dirs_and_files_are_private_under_umask_0(tmp_path: Path) -> None:
         atomic_write(d / "f.json", "{}")
         loose = tmp_path / "loose"
         loose.mkdir(mode=0o777)
-        private_dir(loose)  # an existing dir of ours is tightened
+        private_dir(loose)  # a directory the user named is left as it is
+        assert mode(loose) == 0o777
+        private_dir(loose, tighten=True)  # one of our own cache dirs is tightened
     finally:
         os.umask(old)
     assert mode(tmp_path / "a") == mode(d) == mode(loose) == 0o700
