@@ -153,6 +153,7 @@ class Daemon:
         self._stop_reason = ""
         self._lock_fd: int | None = None
         self._status_at = 0.0
+        self._building = False  # the model copy is being built (a slow first start)
         self.http_url: str | None = None
         self.model: Model
         self.scheduler: Scheduler
@@ -211,13 +212,15 @@ class Daemon:
         """Tell clients waiting for this engine how its start goes (P.status_path)."""
         self._status_at = time.monotonic()
         info = {"pid": os.getpid(), "state": state, "message": message, "fraction": fraction,
-                "time": time.time()}
+                "building": self._building, "time": time.time()}
         try:
             atomic_write(P.status_path(self.path), json.dumps(info))
         except OSError as e:
             log.warning("cannot write the status file: %s", e)
 
     def _progress(self, message: str, fraction: float | None) -> None:
+        """Model loading calls this only on its slow path (a first build)."""
+        self._building = True
         if fraction is None:
             log.info("%s", message)
         if time.monotonic() - self._status_at >= 0.2 or fraction is None:

@@ -22,7 +22,7 @@ from pygls.lsp.server import LanguageServer
 
 from engine.protocol import ensure_runtime_dir, runtime_dir
 from gemma_lsp.actions import ActionError, ActionService, CancelScope, range_from_json
-from gemma_lsp.backend import Backend, BackendError
+from gemma_lsp.backend import Backend, BackendError, BackendStarting
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,8 @@ class CommandService:
     async def status(self) -> dict[str, Any]:
         try:
             info = await asyncio.to_thread(self.backend().status)
+        except BackendStarting as e:
+            info = {"state": "starting", "error": str(e)}
         except BackendError as e:
             info = {"state": "unreachable", "error": str(e)}
         else:

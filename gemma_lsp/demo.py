@@ -144,6 +144,14 @@ async def run_demo(opts: DemoOptions) -> int:
             text=text)))
         status = await client.workspace_execute_command_async(
             t.ExecuteCommandParams(command="gemma.status"))
+        said = ""
+        while isinstance(status, dict) and status.get("state") == "starting":  # a first build
+            if status.get("error") != said:
+                said = str(status.get("error"))
+                print(f"== {said}")
+            await asyncio.sleep(1.0)
+            status = await client.workspace_execute_command_async(
+                t.ExecuteCommandParams(command="gemma.status"))
         if isinstance(status, dict) and status.get("state") == "running":
             print(f"== engine: {status.get('model', '?')} (pid {status.get('pid', '?')}); it "
                   "stays resident for the next editor window")

@@ -6,8 +6,9 @@ Before connecting, the runtime directory must be the user's own (0700): a socket
 belong to someone else. Starting an engine is one `_Start` per socket path, watched from a
 thread: progress from the engine's status file, and when it cannot start, its own reason (the
 status file, else its exit status and the end of its log) the moment it exits. A caller waits
-at most `start_wait` seconds for it; a failure is answered at once for START_RETRY_S, then the
-next request tries again.
+for an engine that only loads its model (a warm start), but at most `start_wait` seconds for
+one that builds its model copy (a first start: its progress is shown instead); a failure is
+answered at once for START_RETRY_S, then the next request tries again.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class EngineError(Exception):
 
 
 START_RETRY_S = 2.0  # after a failed start, requests fail at once this long, then retry
+WARM_START_WAIT_S = 60.0  # a request waits this long for an engine that is not building
 LOG_MAX_BYTES = 4 << 20  # engine.log is rotated to engine.log.1 past this
 
 
@@ -67,6 +69,7 @@ class _Start:
         self.state = "starting"  # -> ready | failed
         self.message = "starting the engine"
         self.fraction: float | None = None
+        self.building = False  # the engine said it builds its model copy (a first start)
         self.ended_at = 0.0
         self.started_at = time.time()
         self.done = threading.Event()
@@ -104,6 +107,8 @@ class _Start:
                 state = "stale"  # an earlier attempt's failure (that engine may still exit)
             if alive and state == "failed":
                 return self._end("failed", message)
+            if alive and state == "starting":
+                self.building = self.building or bool(status.get("building"))
             if alive and state == "starting" and (message, status.get("fraction")) != seen:
                 seen = (message, status.get("fraction"))
                 fraction = status.get("fraction")
@@ -233,8 +238,10 @@ class EngineClient:
         on_start: StartListener | None = None,
         connect: bool = True,
     ) -> None:
-        """`start_wait`: how long a request waits for a starting engine before it fails with
-        code "starting" (default: `start_timeout`); `on_start` hears how a start goes;
+        """`start_wait`: how long a request waits for an engine that builds its model copy
+        (a first start) before it fails with code "starting" (default: `start_timeout`; one
+        that only loads is waited for up to WARM_START_WAIT_S); `on_start` hears how a start
+        goes;
         `connect=False` connects on the first request."""
         self.path = Path(socket_path) if socket_path else P.socket_path()
         self.autostart = autostart
@@ -392,7 +399,12 @@ class EngineClient:
         if start is None or start.state != "starting":
             start = self._start = _Start(self.path, self._command(), self.start_timeout,
                                          self.on_start)
-        start.done.wait(self.start_wait)
+        t0 = time.monotonic()
+        while not start.done.wait(0.05):  # a warm start is worth waiting for; a build is not
+            waited = time.monotonic() - t0
+            if waited >= self.start_wait and (start.building or waited >= max(
+                    self.start_wait, WARM_START_WAIT_S)):
+                break
         sock = self._try_connect()
         if sock is not None:
             return sock
