@@ -144,3 +144,50 @@ def test_a_squatted_runtime_dir_is_refused_before_connecting(
             squatter.accept()  # it never got a connection
     finally:
         squatter.close()
+
+
+def test_flipped_bytes_in_the_model_copy_and_the_saved_cache_are_rejected_by_the_engine(
+    root: Path,
+) -> None:
+    """Through the real engine process (a tiny model, so the rebuild is quick): 4 KB flipped
+    in the engine-ready copy and 1% of the saved prompt cache's bytes flipped are warnings,
+    the copy is rebuilt, the cache starts empty, and the answers equal the intact engine's."""
+    import numpy as np
+
+    from tests.engine.tiny import tiny_config, tiny_tensors, tiny_vocab, write_tiny_gguf
+
+    cfg = tiny_config(vocab_size=len(tiny_vocab()[0]), context_length=512)
+    model = root / "tiny.gguf"
+    write_tiny_gguf(str(model), cfg, tiny_tensors(cfg))
+    (root / "run").mkdir(mode=0o700)
+    engine = Engine(root)
+    engine.env["GEMMA_LSP_CACHE"] = str(root / "cache")
+    saved = root / "saves" / "pc.safetensors"
+    args = ("--model", str(model), "--cache-file", str(saved))
+    prompt = "abcd ab a " * 20
+    engine.start(*args)
+    c = engine.client()
+    want, _ = text_of(c.generate(prompt, max_tokens=8))
+    c.shutdown()
+    assert engine.proc is not None and engine.proc.wait(60) == 0 and saved.exists()
+
+    ready = next((root / "cache" / "engine-ready").glob("*-v*")) / "model.safetensors"
+    raw = bytearray(ready.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 4096] = bytes(b ^ 0xFF for b in raw[mid:mid + 4096])
+    ready.write_bytes(bytes(raw))
+    cache = bytearray(saved.read_bytes())
+    start = 8 + int.from_bytes(cache[:8], "little")
+    rng = np.random.default_rng(1)
+    for i in rng.choice(np.arange(start, len(cache)), size=(len(cache) - start) // 100):
+        cache[i] ^= 0xFF
+    saved.write_bytes(bytes(cache))
+
+    engine.start(*args)
+    log = engine.log()
+    assert "fails its checksum" in log and "rebuilding" in log
+    assert "prompt cache" in log and "corrupt" in log
+    c = engine.client()
+    got, done = text_of(c.generate(prompt, max_tokens=8))
+    assert got == want and done.reused_tokens == 0
+    c.shutdown()
