@@ -109,7 +109,7 @@ class Connection:
 
     def _dispatch(self, msg: P.Message) -> None:
         sched = self.daemon.scheduler
-        if isinstance(msg, P.Generate | P.Warm):
+        if isinstance(msg, P.Generate | P.Warm | P.Score):
             sched.submit(self, msg)
         elif isinstance(msg, P.Cancel):
             sched.cancel(self, msg.id)

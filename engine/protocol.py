@@ -88,6 +88,19 @@ class Warm(Message):
 
 
 @dataclass
+class Score(Message):
+    """How likely is each continuation of ``prompt``? (next-edit candidates). The reply is a
+    ScoreReply; tokens every continuation starts with count as 0 in all of them."""
+
+    TYPE: ClassVar[str] = "score"
+    id: int = 0
+    prompt: str = ""
+    continuations: list[str] = field(default_factory=list)
+    priority: int = 0
+    doc: str = ""  # a newer score for the same non-empty doc supersedes older ones
+
+
+@dataclass
 class Cancel(Message):
     TYPE: ClassVar[str] = "cancel"
     id: int = 0  # the request to cancel
@@ -152,6 +165,21 @@ class Error(Message):
 
 
 @dataclass
+class ScoreReply(Message):
+    TYPE: ClassVar[str] = "score_reply"
+    id: int = 0
+    # per continuation: each token's log-probability and where (characters into the
+    # continuation) the token ends
+    logprobs: list[list[float]] = field(default_factory=list)
+    ends: list[list[int]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    evaluated_tokens: int = 0
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+
+
+@dataclass
 class StatusReply(Message):
     TYPE: ClassVar[str] = "status_reply"
     id: int = 0
@@ -160,8 +188,8 @@ class StatusReply(Message):
 
 MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m
-    for m in (Hello, Generate, Warm, Cancel, Status, Shutdown, HelloReply, Token, Done, Error,
-              StatusReply)
+    for m in (Hello, Generate, Warm, Score, Cancel, Status, Shutdown, HelloReply, Token, Done,
+              Error, ScoreReply, StatusReply)
 }
 
 
@@ -226,6 +254,8 @@ def _check_types(msg: Message) -> None:
     if isinstance(msg, Generate | Warm) and not all(isinstance(s, str) for s in
                                                     getattr(msg, "stop", [])):
         raise ProtocolError(f"{msg.TYPE}.stop: every stop must be a string")
+    if isinstance(msg, Score) and not all(isinstance(c, str) for c in msg.continuations):
+        raise ProtocolError("score.continuations: every continuation must be a string")
 
 
 def read_frame(sock: socket.socket) -> Message | None:

@@ -26,12 +26,14 @@ from engine.model import Cancelled, forward
 from engine.prompt_cache import Match, PromptCache
 from engine.runtime import Model
 from engine.sampling import SamplingParams
+from engine.scoring import score
 
 log = logging.getLogger(__name__)
 
 INTERACTIVE = 0  # priority of completions
 WARM_PRIORITY = 1000  # warming runs after everything else
 KV_ROUND = 1024  # working K/V capacity is rounded up to this (pages are touched lazily)
+MAX_SCORE_CONTINUATIONS = 16
 
 
 class Client(Protocol):
@@ -44,7 +46,7 @@ class Client(Protocol):
 class Job:
     client: Client
     req_id: int
-    kind: str  # "generate" or "warm"
+    kind: str  # "generate", "warm" or "score"
     ids: np.ndarray  # (n,) prompt token ids, BOS first
     priority: int
     doc: str
@@ -58,6 +60,8 @@ class Job:
     match: Match | None = None
     kv: KVCache | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    continuations: list[list[int]] = field(default_factory=list)  # score: token ids after ids
+    cont_text: list[str] = field(default_factory=list)
 
     @property
     def cancelled(self) -> bool:
@@ -104,7 +108,7 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def submit(self, client: Client, msg: P.Generate | P.Warm) -> None:
+    def submit(self, client: Client, msg: P.Generate | P.Warm | P.Score) -> None:
         """Validate and queue a request; problems go back to the client as Error replies."""
         try:
             job = self._make_job(client, msg)
@@ -173,8 +177,10 @@ class Scheduler:
             "queue": queue,
         }
 
-    def _make_job(self, client: Client, msg: P.Generate | P.Warm) -> Job:
+    def _make_job(self, client: Client, msg: P.Generate | P.Warm | P.Score) -> Job:
         cfg = self.model.config
+        if isinstance(msg, P.Score):
+            return self._make_score_job(client, msg)
         ids = np.asarray(self.model.tokenizer.encode(msg.prompt, add_bos=True), dtype=np.int64)
         check_prompt_length(len(ids), cfg.context_length)
         now = time.monotonic()
@@ -196,6 +202,31 @@ class Scheduler:
         deadline = now + msg.deadline_ms / 1000 if msg.deadline_ms > 0 else None
         return Job(client, msg.id, "generate", ids, msg.priority, msg.doc, opts, now, deadline,
                    next(self._seq))
+
+    def _make_score_job(self, client: Client, msg: P.Score) -> Job:
+        """The prompt's tokens, and each continuation's tokens after the part of the prompt
+        that every ``prompt + continuation`` tokenizes the same way."""
+        if not msg.continuations:
+            raise ValueError("score: no continuations")
+        if len(msg.continuations) > MAX_SCORE_CONTINUATIONS:
+            raise ValueError(f"score: {len(msg.continuations)} continuations; the limit is "
+                             f"{MAX_SCORE_CONTINUATIONS}")
+        if msg.priority < 0:
+            raise ValueError(f"priority must be >= 0, got {msg.priority}")
+        tok = self.model.tokenizer
+        prompt = tok.encode(msg.prompt, add_bos=True)
+        full = [tok.encode(msg.prompt + c, add_bos=True) for c in msg.continuations]
+        m = min(_common_len(prompt, f) for f in full)
+        m = max(1, min(m, min(len(f) for f in full) - 1))  # each keeps a token to score
+        longest = max(len(f) for f in full)
+        check_prompt_length(longest, self.model.config.context_length)
+        now = time.monotonic()
+        job = Job(client, msg.id, "score", np.asarray(full[0][:m], dtype=np.int64),
+                  msg.priority, msg.doc, None, now, None, next(self._seq))
+        job.continuations = [f[m:] for f in full]
+        job.cont_text = list(msg.continuations)
+        job.timings["prompt_bytes"] = len(msg.prompt.encode("utf-8"))
+        return job
 
     def _drop_if_unstarted(self, job: Job) -> None:
         """A queued job that never ran is answered at once; a running one by the compute thread."""
@@ -267,11 +298,61 @@ class Scheduler:
         self.cache.copy_into(job.match, kv, keep)  # only what the buffer lacks
         return kv
 
+    def _run_score(self, job: Job, t_start: float) -> Iterator[None]:
+        """Score every continuation (engine/scoring.py) after the prompt's cached prefix."""
+        model = self.model
+        n = len(job.ids)
+        need = n + max(len(c) for c in job.continuations) + 1
+        kv = job.kv = self._start_kv(job, n - 1, need)
+        reused = kv.length
+        self._reused += reused
+        compute_s = 0.0
+        # the prompt in chunks like any prefill (cached as they finish), then the candidates
+        chunk = self.interactive_chunk if job.priority == INTERACTIVE else self.background_chunk
+        while kv.length < n - 1:
+            part = job.ids[kv.length : min(kv.length + chunk, n - 1)]
+            t0 = time.perf_counter()
+            try:
+                forward(model.config, model.weights, part, kv, logits="none",
+                        should_stop=lambda: self._should_yield(job))
+            except Cancelled:
+                if job.cancelled:
+                    raise
+                yield
+                continue
+            compute_s += time.perf_counter() - t0
+            self.cache.insert(kv)
+            yield
+        if job.cancelled:
+            raise Cancelled()
+        t0 = time.perf_counter()
+        lps = score(model, kv, job.ids.tolist(), job.continuations)
+        compute_s += time.perf_counter() - t0
+        evaluated = n - reused + sum(len(c) for c in job.continuations)
+        self._evaluated += evaluated
+        self.cache.insert(kv)
+        self._served += 1
+        # the prompt's bytes that the first n tokens do not cover belong to no continuation
+        tok = model.tokenizer
+        covered = len(tok.token_bytes_of(job.ids.tolist()[1:]))
+        skip = int(job.timings["prompt_bytes"]) - covered
+        _send(job.client, P.ScoreReply(
+            job.req_id,
+            logprobs=[[float(x) for x in lp] for lp in lps],
+            ends=[_char_ends(tok, c, skip, t) for c, t in zip(job.continuations, job.cont_text,
+                                                              strict=True)],
+            prompt_tokens=n, reused_tokens=reused, evaluated_tokens=evaluated,
+            queue_ms=(t_start - job.arrival) * 1000, compute_ms=compute_s * 1000,
+        ))
+
     def _run(self, job: Job) -> Iterator[None]:
         """The job's work, one unit per `next()`: prefill chunks, then decode steps."""
         model, cfg = self.model, self.model.config
         n = len(job.ids)
         t_start = time.monotonic()
+        if job.kind == "score":
+            yield from self._run_score(job, t_start)
+            return
         max_new = 0 if job.opts is None else min(job.opts.max_tokens, cfg.context_length - n)
         keep = n if job.opts is None else n - 1  # a completion must run >= 1 token for logits
         kv = job.kv = self._start_kv(job, keep, n + max(max_new, 1))
@@ -346,6 +427,25 @@ class Scheduler:
             queue_ms=(t_start - job.arrival) * 1000, prefill_ms=prefill_s * 1000,
             first_token_ms=first_token_ms, decode_ms=decode_s * 1000, n_tokens=len(stream.ids),
         ))
+
+
+def _common_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _char_ends(tok: Any, ids: list[int], skip_bytes: int, text: str) -> list[int]:
+    """Where (characters into ``text``) each token of ``ids`` ends, given that the tokens
+    start ``skip_bytes`` bytes before ``text`` begins (a token may straddle the boundary)."""
+    raw = text.encode("utf-8")
+    ends, pos = [], -skip_bytes
+    for t in ids:
+        pos += len(tok.token_bytes(t))
+        ends.append(len(raw[: max(pos, 0)].decode("utf-8", errors="ignore")))
+    return ends
 
 
 def _send(client: Client, msg: P.Message) -> bool:

@@ -42,6 +42,18 @@ class Finish:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Scores:
+    """Per continuation: each token's log-probability and where (characters into the
+    continuation) that token ends. Tokens all continuations share at their start count 0."""
+
+    logprobs: list[list[float]]
+    ends: list[list[int]]
+    compute_ms: float = 0.0
+    reused_tokens: int = 0
+    evaluated_tokens: int = 0
+
+
 class Stream(Protocol):
     finish: Finish | None
 
@@ -70,6 +82,11 @@ class Backend(Protocol):
     ) -> Stream: ...
 
     def warm(self, prompt: str, doc: str) -> None: ...
+
+    def score(self, prompt: str, continuations: list[str], *, doc: str = "") -> Scores:
+        """How likely each continuation of `prompt` is (BackendError if the backend cannot
+        say: an OpenAI-compatible server returns no prompt log-probabilities)."""
+        ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -166,6 +183,15 @@ class EngineBackend:
         except EngineError as e:
             raise BackendError(str(e)) from e
 
+    def score(self, prompt: str, continuations: list[str], *, doc: str = "") -> Scores:
+        from gemma_lsp.engine_client import EngineError
+
+        try:
+            r = self._get().score(prompt, continuations, doc=doc)
+        except EngineError as e:
+            raise BackendError(str(e)) from e
+        return Scores(r.logprobs, r.ends, r.compute_ms, r.reused_tokens, r.evaluated_tokens)
+
     def status(self) -> dict[str, Any]:
         from gemma_lsp.engine_client import EngineError
 
@@ -247,6 +273,9 @@ class UnavailableBackend:
         raise BackendError(self.reason)
 
     def warm(self, prompt: str, doc: str) -> None:
+        raise BackendError(self.reason)
+
+    def score(self, prompt: str, continuations: list[str], *, doc: str = "") -> Scores:
         raise BackendError(self.reason)
 
     def status(self) -> dict[str, Any]:

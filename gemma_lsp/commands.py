@@ -174,6 +174,9 @@ class CommandService:
         if completion is not None:
             info["lsp"] = dataclasses.asdict(completion.stats) | {
                 "last_latency_ms": round(completion.last_latency_ms, 1)}
+        next_edit = getattr(self.ls, "next_edit", None)
+        if next_edit is not None:
+            info["next_edit"] = next_edit.status()
         return info
 
     def _show_explanation(self, text: str) -> None:

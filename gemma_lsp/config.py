@@ -22,6 +22,7 @@ __all__ = [
     "ActionOptions",
     "CompletionOptions",
     "EngineOptions",
+    "NextEditOptions",
     "ServerOptions",
     "parse_options",
 ]
@@ -85,10 +86,22 @@ class EngineOptions:
 
 
 @dataclass(frozen=True)
+class NextEditOptions:
+    enabled: bool = True
+    # shown only when the rewrite's log-likelihood beats the unchanged region's by this many
+    # nats (calibrated on scripts/bench_nes.py with the shipped model)
+    threshold: float = 1.5
+    adaptive: bool = True  # raise the threshold while more suggestions are rejected than taken
+    lines_above: int = 2  # the editable region around the last edit
+    lines_below: int = 8
+
+
+@dataclass(frozen=True)
 class ServerOptions:
     completion: CompletionOptions = field(default_factory=CompletionOptions)
     actions: ActionOptions = field(default_factory=ActionOptions)
     engine: EngineOptions = field(default_factory=EngineOptions)
+    next_edit: NextEditOptions = field(default_factory=NextEditOptions)
     fim_template: str | None = None  # a FIM_TEMPLATES name or a format string with {prefix}
     templates: dict[str, str] = field(default_factory=dict)  # InstructionTemplates overrides
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
@@ -207,8 +220,16 @@ _RULES: dict[type, dict[str, _Rule]] = {
         "request_timeout_s": _float(0.1, 3600.0),
         "autostart": _bool(),
     },
+    NextEditOptions: {
+        "enabled": _bool(),
+        "threshold": _float(-100.0, 100.0),
+        "adaptive": _bool(),
+        "lines_above": _int(0, 200),
+        "lines_below": _int(0, 200),
+    },
 }
-_SECTIONS = {"completion": CompletionOptions, "actions": ActionOptions, "engine": EngineOptions}
+_SECTIONS = {"completion": CompletionOptions, "actions": ActionOptions, "engine": EngineOptions,
+             "next_edit": NextEditOptions}
 _TOP_RULES: dict[str, _Rule] = {
     "fim_template": _fim_template(),
     "max_file_bytes": _int(1, 1 << 40),
@@ -219,6 +240,7 @@ _ALIASES = {
     "request_timeout_s": ("request_timeout", "timeout_s", "timeout"),
     "socket_path": ("socket",),
     "actions": ("action", "code_actions"),
+    "next_edit": ("next_edits", "nes"),
 }
 
 

@@ -424,6 +424,8 @@ class DocumentStore:
         self.max_file_bytes = max_file_bytes
         self._clock = clock
         self._seq = 0
+        # told of every change before it is applied: (document, start, end, inserted text)
+        self.on_edit: Callable[[Document, int, int, str], None] | None = None
 
     @property
     def encoding(self) -> lsp.PositionEncodingKind:
@@ -493,6 +495,8 @@ class DocumentStore:
             return None
         whole = False
         for change in changes:
+            if self.on_edit is not None:
+                self._announce(doc, change, self.on_edit)
             span = doc.apply_change(change)
             if isinstance(change, lsp.TextDocumentContentChangeWholeDocument):
                 whole = True
@@ -511,6 +515,19 @@ class DocumentStore:
             doc.skipped = True
             doc.skip_reason = f"too large ({doc.utf8_size} bytes > {self.max_file_bytes})"
         return doc
+
+    @staticmethod
+    def _announce(doc: Document, change: lsp.TextDocumentContentChangeEvent,
+                  listener: Callable[[Document, int, int, str], None]) -> None:
+        """Tell ``listener`` which span of the (still unchanged) text becomes what."""
+        if isinstance(change, lsp.TextDocumentContentChangePartial):
+            a, b = doc.range_offsets(change.range)
+            listener(doc, a, b, change.text)
+            return
+        old, new = doc.text, change.text
+        p = _common_prefix(old, new)
+        q = _common_suffix(old, new, min(len(old), len(new)) - p)
+        listener(doc, p, len(old) - q, new[p : len(new) - q])
 
     def close(self, uri: str) -> Document | None:
         return self._docs.pop(uri, None)

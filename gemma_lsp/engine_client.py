@@ -270,6 +270,27 @@ class EngineClient:
         """Prefill `prompt` at the lowest priority; fire and forget."""
         self._request(lambda i: P.Warm(id=i, prompt=prompt, doc=doc), keep=False)
 
+    def score(self, prompt: str, continuations: list[str], *, doc: str = "",
+              priority: int = 0, timeout: float = 60.0) -> P.ScoreReply:
+        """Log-probabilities of each continuation of `prompt` (blocks until the reply)."""
+        handle = self._request(lambda i: P.Score(id=i, prompt=prompt,
+                                                  continuations=continuations, doc=doc,
+                                                  priority=priority))
+        try:
+            msg = handle.queue.get(timeout=timeout)
+        except queue.Empty:
+            self.cancel(handle.id)
+            raise EngineError(f"no reply from the engine in {timeout:.0f}s", "timeout") from None
+        if msg is _CLOSED:
+            raise EngineError("engine connection lost (the engine stopped or crashed); the next "
+                              "request restarts it")
+        if msg is _CANCELLED:
+            raise EngineError(f"request {handle.id} was cancelled", "cancelled")
+        if isinstance(msg, P.Error):
+            raise EngineError(msg.message, msg.code)
+        assert isinstance(msg, P.ScoreReply)
+        return msg
+
     def cancel(self, req_id: int) -> None:
         with self._lock:
             if req_id in self._pending:
@@ -439,7 +460,7 @@ class EngineClient:
                 req_id = getattr(msg, "id", 0)
                 with self._lock:
                     handle = self._pending.get(req_id)
-                    if isinstance(msg, P.Done | P.Error | P.StatusReply):
+                    if isinstance(msg, P.Done | P.Error | P.StatusReply | P.ScoreReply):
                         self._pending.pop(req_id, None)
                 if handle is not None:
                     handle.queue.put(msg)

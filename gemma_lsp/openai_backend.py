@@ -17,7 +17,7 @@ import threading
 import urllib.parse
 from typing import Any
 
-from gemma_lsp.backend import BackendError, Finish
+from gemma_lsp.backend import BackendError, Finish, Scores
 
 MAX_STOP = 4  # what the OpenAI API accepts; the rest are applied here
 _TURN = re.compile(r"<start_of_turn>(user|model)\n(.*?)<end_of_turn>\n?", re.DOTALL)
@@ -245,6 +245,10 @@ class OpenAIBackend:
 
     def warm(self, prompt: str, doc: str) -> None:
         """Nothing to do: these servers keep their own prompt cache of the last request."""
+
+    def score(self, prompt: str, continuations: list[str], *, doc: str = "") -> Scores:
+        raise BackendError("next-edit suggestions need the built-in engine: an OpenAI-compatible "
+                           "server does not report the log-probabilities of given text")
 
     def status(self) -> dict[str, Any]:
         ids = self._model_ids()

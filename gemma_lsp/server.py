@@ -19,6 +19,7 @@ from gemma_lsp.completion import CompletionService
 from gemma_lsp.config import ServerOptions, parse_options
 from gemma_lsp.documents import DocumentStore
 from gemma_lsp.engine_status import StartNotifier
+from gemma_lsp.next_edit_service import ACCEPT_COMMAND, REJECT_COMMAND, NextEditService
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,22 @@ class GemmaServer(LanguageServer):
             self.store, self.backend, lambda: self.options, self.engine_error,
             root_uri=lambda: self._root_uri,
         )
+        self.next_edit = NextEditService(self.store, self.backend, lambda: self.options,
+                                         self._next_edit_prompt)
+        self.store.on_edit = self.next_edit.on_edit
         self.actions = ActionService(self.store, self.backend, lambda: self.options)
         self.commands = CommandService(self, self.actions, self.backend, self.notify)
         self._root_uri: str | None = None
         self._classic: tuple[Any, Any] | None = None  # the completion feature while hidden
+
+    def _next_edit_prompt(self, doc: Any, offset: int) -> str:
+        """What the model reads before a next-edit region: a completion's prompt for a cursor
+        there (the same text, so the same cached K/V) or, for FIM templates, its plain part."""
+        ctx = self.completion.context(doc, offset)
+        template: Any = self.completion.template()
+        if not template.is_fim:
+            return self.completion.prompt(ctx)[0]
+        return str(template.extras_text(ctx)) + ctx.prefix
 
     def backend(self) -> Backend:
         if self._backend is None:
@@ -171,6 +184,42 @@ def create_server(backend_factory: Any = None) -> GemmaServer:
     def did_close(ls: GemmaServer, params: t.DidCloseTextDocumentParams) -> None:
         ls.store.close(params.text_document.uri)
         ls.completion.forget(params.text_document.uri)
+        ls.next_edit.forget(params.text_document.uri)
+
+    @server.feature(INLINE_EDIT)
+    async def inline_edit(ls: GemmaServer, params: Any) -> dict[str, Any]:
+        """Copilot-style next-edit request: ``{edits: [...]}``, empty when nothing is due."""
+        doc_id = _field(params, "textDocument")
+        uri, version = _field(doc_id, "uri"), _field(doc_id, "version")
+        if not isinstance(uri, str) or (version is not None and not isinstance(version, int)):
+            from pygls.exceptions import JsonRpcInvalidParams
+
+            raise JsonRpcInvalidParams("textDocument/copilotInlineEdit needs textDocument.uri "
+                                       "(and an integer version)")
+        sug = await ls.next_edit.suggest(uri, version)
+        doc = ls.store.get(uri)
+        if sug is None or doc is None:
+            return {"edits": []}
+        return {"edits": [ls.next_edit.to_lsp(doc, sug)]}
+
+    @server.feature(DID_SHOW_INLINE_EDIT)
+    def did_show_inline_edit(ls: GemmaServer, params: Any) -> None:
+        ids = _field(_field(_field(params, "item"), "command"), "arguments") or []
+        for sid in ids:
+            if isinstance(sid, str):
+                ls.next_edit.shown(sid)
+
+    @server.command(ACCEPT_COMMAND)
+    def accept_next_edit(ls: GemmaServer, *args: Any) -> None:
+        for sid in args:
+            if isinstance(sid, str):
+                ls.next_edit.decide(sid, "accepted")
+
+    @server.command(REJECT_COMMAND)
+    def reject_next_edit(ls: GemmaServer, *args: Any) -> None:
+        for sid in args:
+            if isinstance(sid, str):
+                ls.next_edit.decide(sid, "rejected")
 
     @server.feature(t.TEXT_DOCUMENT_INLINE_COMPLETION, t.InlineCompletionOptions())
     async def inline_completion(
@@ -180,6 +229,9 @@ def create_server(backend_factory: Any = None) -> GemmaServer:
         if doc is None:
             return None
         offset = doc.offset_at(params.position)
+        insertion = ls.next_edit.inline_insertion(doc, offset)
+        if insertion is not None:  # a next edit that only adds text after the cursor
+            return t.InlineCompletionList(items=[insertion])
         texts = await ls.completion.complete(doc.uri, offset)
         here = t.Range(params.position, params.position)
         return t.InlineCompletionList(
@@ -260,6 +312,19 @@ def create_server(backend_factory: Any = None) -> GemmaServer:
             ls._backend.close()  # the engine itself stays up for other editors
 
     return server
+
+
+INLINE_EDIT = "textDocument/copilotInlineEdit"
+DID_SHOW_INLINE_EDIT = "textDocument/didShowInlineEdit"
+
+
+def _field(obj: Any, name: str) -> Any:
+    """A field of custom-method params (pygls hands them over as namedtuples or dicts)."""
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
 
 
 def serve(tcp: str | None = None) -> int:
