@@ -430,8 +430,12 @@ def carry_over_candidates(region: Region, history: Sequence[EditGroup],
         line_start = _line_start_edit(g.before, g.after)
         if line_start is not None:
             indent = g.after[: len(g.after) - len(g.after.lstrip(" \t"))]
-            add(within(scope_lo, scope_hi,
-                       lambda s, i=indent, e=line_start: _apply_line_start_edit(s, i, *e)))
+            removed, inserted = line_start
+
+            def prefix(s: str, i: str = indent, r: str = removed, n: str = inserted) -> str:
+                return _apply_line_start_edit(s, i, r, n)
+
+            add(within(scope_lo, scope_hi, prefix))
     return out
 
 

@@ -138,11 +138,10 @@ class NextEditService:
         if not cands:
             return None
         prompt = self.prompt_for(doc, region.start)
-        post = text[region.end : region.end + POST_CHARS]
-        texts = [region.text, *cands]
+        texts = [c + text[region.end : region.end + POST_CHARS] for c in [region.text, *cands]]
         try:
-            scores = await asyncio.to_thread(self.backend().score, prompt,
-                                             [c + post for c in texts], doc=uri)
+            scores = await asyncio.to_thread(self.backend().score, prompt, scored_window(texts),
+                                             doc=uri)
         except BackendError as e:
             log.info("next edit for %s: %s", uri, e)
             return None
@@ -233,11 +232,36 @@ class NextEditService:
         return t.InlineCompletionItem(
             insert_text=between + s.new,
             range=t.Range(doc.position_at(offset), doc.position_at(s.start)),
-            command=t.Command("Accept next edit", ACCEPT_COMMAND, [sug.id]),
+            command=t.Command(title="Accept next edit", command=ACCEPT_COMMAND,
+                              arguments=[sug.id]),
         )
 
     def status(self) -> dict[str, Any]:
         return self.stats.as_dict(self.threshold())
+
+
+def scored_window(texts: list[str]) -> list[str]:
+    """The texts cut where they agree again for good: after the line that follows their last
+    difference (what comes later reads the same in all of them and only costs time)."""
+    first = texts[0]
+    same = min(_common_suffix_len(first, t) for t in texts[1:]) if len(texts) > 1 else 0
+    tail = first[len(first) - same:]
+    keep = 0
+    for _ in range(2):  # the rest of the differing line and the line after it
+        nl = tail.find("\n", keep)
+        if nl < 0:
+            keep = len(tail)
+            break
+        keep = nl + 1
+    cut = same - keep
+    return [t[: len(t) - cut] if cut > 0 else t for t in texts]
+
+
+def _common_suffix_len(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
 
 
 def _range(doc: Document, a: int, b: int) -> dict[str, Any]:

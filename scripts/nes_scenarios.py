@@ -1,15 +1,22 @@
-"""Scenarios for scripts/bench_nes.py: a starting file, the user's edit(s), the expected next edit.
+"""Scenarios for scripts/bench_nes.py (data in scripts/data/nes_scenarios.json): a starting
+file, the user's edit(s), the expected next edit.
 
-Each edit and each expected change is ``(old, new)``: the first occurrence of ``old`` in the
+Each edit and each expected change is ``[old, new]``: the first occurrence of ``old`` in the
 text at that point becomes ``new``. ``expect`` empty: the edit implies no further edit.
 Kinds: rename (a renamed identifier reaching its uses), param (an argument added or removed at
 a call, repeated at the other calls), pattern (a changed call repeated on similar lines),
-field (a renamed field in a struct literal), typo (a typo fixed once, fixed again), none.
+field (a renamed field in a struct literal), typo (a typo fixed once, fixed again), none (an
+edit that implies nothing more, often with a tempting wrong carry-over nearby).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent / "data" / "nes_scenarios.json"
+SUFFIX = {"python": "py", "typescript": "ts", "go": "go", "rust": "rs"}
 
 
 @dataclass(frozen=True)
@@ -23,183 +30,16 @@ class Scenario:
 
     @property
     def path(self) -> str:
-        return "main." + {"python": "py", "typescript": "ts", "go": "go", "rust": "rs"}[self.lang]
+        return "main." + SUFFIX[self.lang]
 
 
-def S(name: str, lang: str, kind: str, text: str, edits: list[tuple[str, str]],
-      expect: list[tuple[str, str]]) -> Scenario:
-    return Scenario(name, lang, kind, text, tuple(edits), tuple(expect))
+def load(path: Path = DATA) -> list[Scenario]:
+    out = []
+    for raw in json.loads(path.read_text()):
+        out.append(Scenario(raw["name"], raw["lang"], raw["kind"], raw["text"],
+                            tuple((a, b) for a, b in raw["edits"]),
+                            tuple((a, b) for a, b in raw["expect"])))
+    return out
 
 
-SCENARIOS: list[Scenario] = [
-    # ---------------------------------------------------------------- Python
-    S("py-rename-param", "python", "rename",
-      "def area(w, h):\n    return w * h\n\n\ndef perimeter(w, h):\n    return 2 * (w + h)\n",
-      [("def area(w,", "def area(width,")], [("return w *", "return width *")]),
-    S("py-rename-local", "python", "rename",
-      "def mean(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total / len(xs)\n",
-      [("    total = 0", "    acc = 0")], [("total += x", "acc += x"), ("return total /", "return acc /")]),
-    S("py-rename-loop-var", "python", "rename",
-      "def names(users):\n    out = []\n    for u in users:\n        out.append(u.name)\n    return out\n",
-      [("for u in users", "for user in users")], [("append(u.name)", "append(user.name)")]),
-    S("py-rename-attr", "python", "rename",
-      "class Account:\n    def __init__(self, owner):\n        self.owner = owner\n        self.bal = 0\n\n"
-      "    def deposit(self, amount):\n        self.bal += amount\n        return self.bal\n",
-      [("        self.bal = 0", "        self.balance = 0")],
-      [("self.bal += amount", "self.balance += amount"), ("return self.bal\n", "return self.balance\n")]),
-    S("py-param-call", "python", "param",
-      "def main(cfg, other):\n    run(cfg)\n    log(cfg)\n    run(other)\n    run(cfg)\n",
-      [("    run(cfg)\n    log", "    run(cfg, verbose)\n    log")],
-      [("run(other)", "run(other, verbose)"), ("    run(cfg)\n", "    run(cfg, verbose)\n")]),
-    S("py-param-remove", "python", "param",
-      "def report(rows):\n    emit(rows[0], True)\n    emit(rows[1], True)\n    emit(rows[2], True)\n",
-      [("emit(rows[0], True)", "emit(rows[0])")],
-      [("emit(rows[1], True)", "emit(rows[1])"), ("emit(rows[2], True)", "emit(rows[2])")]),
-    S("py-pattern-method", "python", "pattern",
-      "items = set()\nitems.append(1)\nitems.append(2)\nitems.append(3)\n",
-      [("items.append(1)", "items.add(1)")],
-      [("items.append(2)", "items.add(2)"), ("items.append(3)", "items.add(3)")]),
-    S("py-pattern-print", "python", "pattern",
-      "def show(a, b, c):\n    print(a)\n    print(b)\n    print(c)\n",
-      [("    print(a)", "    log.info(a)")],
-      [("    print(b)", "    log.info(b)"), ("    print(c)", "    log.info(c)")]),
-    S("py-pattern-dict", "python", "pattern",
-      "def parse(d):\n    name = d['name']\n    age = d['age']\n    city = d['city']\n    return name, age, city\n",
-      [("d['name']", "d.get('name')")],
-      [("d['age']", "d.get('age')"), ("d['city']", "d.get('city')")]),
-    S("py-typo", "python", "typo",
-      "def recieve(msg):\n    log('recieve', msg)\n    return handle(msg)\n",
-      [("def recieve", "def receive")], [("'recieve'", "'receive'")]),
-    S("py-typo-var", "python", "typo",
-      "def fetch(url):\n    reponse = get(url)\n    check(reponse)\n    return reponse.json()\n",
-      [("    reponse = get", "    response = get")],
-      [("check(reponse)", "check(response)"), ("return reponse.json", "return response.json")]),
-    S("py-field-kwargs", "python", "field",
-      "@dataclass\nclass Point:\n    x: float\n    y: float\n\n\nORIGIN = Point(x=0.0, y=0.0)\n",
-      [("    x: float", "    px: float")], [("Point(x=0.0", "Point(px=0.0")]),
-    S("py-none-comment", "python", "none",
-      "# compute the totl\ndef total(xs):\n    return sum(xs)\n",
-      [("totl", "total")], []),
-    S("py-none-new-line", "python", "none",
-      "def total(xs):\n    return sum(xs)\n\n\ndef count(xs):\n    return len(xs)\n",
-      [("    return sum(xs)\n", "    assert xs\n    return sum(xs)\n")], []),
-    S("py-none-constant", "python", "none",
-      "TIMEOUT = 30\nRETRIES = 3\nCACHE_TTL = 30\n\n\ndef connect():\n    return open_conn(TIMEOUT, RETRIES)\n",
-      [("TIMEOUT = 30", "TIMEOUT = 60")], []),
-    # ---------------------------------------------------------------- TypeScript
-    S("ts-rename-param", "typescript", "rename",
-      "function greet(n: string): string {\n  const msg = `hello ${n}`;\n  return msg + n.length;\n}\n",
-      [("greet(n: string)", "greet(name: string)")],
-      [("${n}", "${name}"), ("msg + n.length", "msg + name.length")]),
-    S("ts-rename-const", "typescript", "rename",
-      "export function total(items: Item[]): number {\n  let sum = 0;\n  for (const it of items) {\n"
-      "    sum += it.price;\n  }\n  return sum;\n}\n",
-      [("  let sum = 0;", "  let amount = 0;")],
-      [("    sum += it", "    amount += it"), ("  return sum;", "  return amount;")]),
-    S("ts-rename-loop", "typescript", "rename",
-      "function ids(users: User[]): string[] {\n  const out: string[] = [];\n  for (const u of users) {\n"
-      "    out.push(u.id);\n  }\n  return out;\n}\n",
-      [("const u of users", "const user of users")], [("out.push(u.id)", "out.push(user.id)")]),
-    S("ts-param-call", "typescript", "param",
-      "async function main(cfg: Config, alt: Config) {\n  await load(cfg);\n  await load(alt);\n  await load(cfg);\n}\n",
-      [("  await load(cfg);\n  await load(alt)", "  await load(cfg, signal);\n  await load(alt)")],
-      [("load(alt)", "load(alt, signal)"), ("  await load(cfg);\n}", "  await load(cfg, signal);\n}")]),
-    S("ts-pattern-log", "typescript", "pattern",
-      "function report(a: number, b: number, c: number) {\n  console.log(a);\n  console.log(b);\n  console.log(c);\n}\n",
-      [("  console.log(a);", "  logger.debug(a);")],
-      [("  console.log(b);", "  logger.debug(b);"), ("  console.log(c);", "  logger.debug(c);")]),
-    S("ts-pattern-await", "typescript", "pattern",
-      "async function boot() {\n  initDb();\n  initCache();\n  initQueue();\n}\n",
-      [("  initDb();", "  await initDb();")],
-      [("  initCache();", "  await initCache();"), ("  initQueue();", "  await initQueue();")]),
-    S("ts-field-literal", "typescript", "field",
-      "interface Point {\n  x: number;\n  y: number;\n}\n\nconst origin: Point = { x: 0, y: 0 };\n",
-      [("  x: number;", "  left: number;")], [("{ x: 0,", "{ left: 0,")]),
-    S("ts-typo", "typescript", "typo",
-      "function calcualte(a: number): number {\n  return a * 2;\n}\n\nexport const doubled = calcualte(21);\n",
-      [("function calcualte", "function calculate")], [("= calcualte(21)", "= calculate(21)")]),
-    S("ts-typo-prop", "typescript", "typo",
-      "const settings = {\n  lenght: 10,\n};\n\nfunction size(): number {\n  return settings.lenght;\n}\n",
-      [("  lenght: 10", "  length: 10")], [("settings.lenght", "settings.length")]),
-    S("ts-none-comment", "typescript", "none",
-      "// retrun the sum\nexport function sum(a: number, b: number): number {\n  return a + b;\n}\n",
-      [("retrun", "return")], []),
-    S("ts-none-literal", "typescript", "none",
-      "const PORT = 8080;\nconst HOST = 'localhost';\n\nexport function url(): string {\n  return `http://${HOST}:${PORT}`;\n}\n",
-      [("const PORT = 8080", "const PORT = 9090")], []),
-    # ---------------------------------------------------------------- Go
-    S("go-rename-param", "go", "rename",
-      "func area(w, h float64) float64 {\n\treturn w * h\n}\n\nfunc perimeter(w, h float64) float64 {\n\treturn 2 * (w + h)\n}\n",
-      [("func area(w, h", "func area(width, h")], [("return w * h", "return width * h")]),
-    S("go-rename-local", "go", "rename",
-      "func sum(xs []int) int {\n\ttotal := 0\n\tfor _, x := range xs {\n\t\ttotal += x\n\t}\n\treturn total\n}\n",
-      [("\ttotal := 0", "\tacc := 0")], [("\t\ttotal += x", "\t\tacc += x"), ("\treturn total", "\treturn acc")]),
-    S("go-rename-receiver", "go", "rename",
-      "func (s *Server) Start() error {\n\ts.running = true\n\treturn s.listen()\n}\n",
-      [("func (s *Server)", "func (srv *Server)")],
-      [("\ts.running", "\tsrv.running"), ("return s.listen", "return srv.listen")]),
-    S("go-param-call", "go", "param",
-      "func main() {\n\tctx := context.Background()\n\tfetch(a)\n\tfetch(b)\n\tfetch(c)\n}\n",
-      [("\tfetch(a)", "\tfetch(ctx, a)")], [("\tfetch(b)", "\tfetch(ctx, b)"), ("\tfetch(c)", "\tfetch(ctx, c)")]),
-    S("go-pattern-err", "go", "pattern",
-      "func setup() {\n\tmust(openDB())\n\tmust(openCache())\n\tmust(openQueue())\n}\n",
-      [("\tmust(openDB())", "\tcheck(openDB())")],
-      [("\tmust(openCache())", "\tcheck(openCache())"), ("\tmust(openQueue())", "\tcheck(openQueue())")]),
-    S("go-pattern-printf", "go", "pattern",
-      "func show(a, b, c int) {\n\tfmt.Println(a)\n\tfmt.Println(b)\n\tfmt.Println(c)\n}\n",
-      [("\tfmt.Println(a)", "\tlog.Println(a)")],
-      [("\tfmt.Println(b)", "\tlog.Println(b)"), ("\tfmt.Println(c)", "\tlog.Println(c)")]),
-    S("go-field-literal", "go", "field",
-      "type Point struct {\n\tX float64\n\tY float64\n}\n\nvar Origin = Point{X: 0, Y: 0}\n",
-      [("\tX float64", "\tLeft float64")], [("Point{X: 0", "Point{Left: 0")]),
-    S("go-typo", "go", "typo",
-      "func handleReqeust(w http.ResponseWriter) {\n\tw.WriteHeader(200)\n}\n\nfunc routes() {\n\thttp.HandleFunc(\"/\", handleReqeust)\n}\n",
-      [("func handleReqeust", "func handleRequest")], [(", handleReqeust)", ", handleRequest)")]),
-    S("go-none-comment", "go", "none",
-      "// Add retruns the sum.\nfunc Add(a, b int) int {\n\treturn a + b\n}\n",
-      [("retruns", "returns")], []),
-    S("go-none-value", "go", "none",
-      "const maxConns = 10\nconst idle = 10 * time.Second\n\nfunc pool() *Pool {\n\treturn NewPool(maxConns, idle)\n}\n",
-      [("maxConns = 10", "maxConns = 20")], []),
-    # ---------------------------------------------------------------- Rust
-    S("rs-rename-param", "rust", "rename",
-      "fn area(w: f64, h: f64) -> f64 {\n    w * h\n}\n\nfn perimeter(w: f64, h: f64) -> f64 {\n    2.0 * (w + h)\n}\n",
-      [("fn area(w: f64", "fn area(width: f64")], [("    w * h", "    width * h")]),
-    S("rs-rename-let", "rust", "rename",
-      "fn sum(xs: &[i32]) -> i32 {\n    let mut total = 0;\n    for x in xs {\n        total += x;\n    }\n    total\n}\n",
-      [("let mut total = 0", "let mut acc = 0")], [("        total += x", "        acc += x"), ("    total\n}", "    acc\n}")]),
-    S("rs-field-literal", "rust", "field",
-      "struct Point {\n    x: f64,\n    y: f64,\n}\n\nfn origin() -> Point {\n    Point { x: 0.0, y: 0.0 }\n}\n",
-      [("    x: f64,", "    px: f64,")], [("Point { x: 0.0", "Point { px: 0.0")]),
-    S("rs-field-access", "rust", "field",
-      "struct Config {\n    verbose: bool,\n}\n\nfn log(c: &Config, msg: &str) {\n    if c.verbose {\n        println!(\"{}\", msg);\n    }\n}\n",
-      [("    verbose: bool,", "    debug: bool,")], [("if c.verbose", "if c.debug")]),
-    S("rs-param-call", "rust", "param",
-      "fn main() {\n    let cfg = load();\n    run(a);\n    run(b);\n    run(c);\n}\n",
-      [("    run(a);", "    run(&cfg, a);")], [("    run(b);", "    run(&cfg, b);"), ("    run(c);", "    run(&cfg, c);")]),
-    S("rs-pattern-unwrap", "rust", "pattern",
-      "fn setup() {\n    open_db().unwrap();\n    open_cache().unwrap();\n    open_queue().unwrap();\n}\n",
-      [("    open_db().unwrap();", "    open_db()?;")],
-      [("    open_cache().unwrap();", "    open_cache()?;"), ("    open_queue().unwrap();", "    open_queue()?;")]),
-    S("rs-typo", "rust", "typo",
-      "fn recieve(buf: &[u8]) -> usize {\n    buf.len()\n}\n\nfn main() {\n    let n = recieve(&[1, 2]);\n    println!(\"{}\", n);\n}\n",
-      [("fn recieve", "fn receive")], [("= recieve(&", "= receive(&")]),
-    S("rs-none-comment", "rust", "none",
-      "/// Retruns the sum.\nfn add(a: i32, b: i32) -> i32 {\n    a + b\n}\n",
-      [("Retruns", "Returns")], []),
-    S("rs-none-number", "rust", "none",
-      "const LIMIT: usize = 16;\n\nfn cap(v: &mut Vec<u8>) {\n    let pad = [0u8; 16];\n    v.truncate(LIMIT);\n    v.extend_from_slice(&pad);\n}\n",
-      [("LIMIT: usize = 16", "LIMIT: usize = 32")], []),
-    S("py-none-shadow", "python", "none",
-      "def first(x):\n    return x + 1\n\n\ndef second(x):\n    return x * 2\n",
-      [("def first(x):\n    return x + 1", "def first(value):\n    return value + 1")], []),
-    S("ts-none-other-scope", "typescript", "none",
-      "function a(n: number) {\n  return n + 1;\n}\n\nfunction b(n: number) {\n  return n * 2;\n}\n",
-      [("function a(n: number) {\n  return n + 1;", "function a(count: number) {\n  return count + 1;")], []),
-    S("go-none-other-func", "go", "none",
-      "func inc(v int) int {\n\treturn v + 1\n}\n\nfunc dbl(v int) int {\n\treturn v * 2\n}\n",
-      [("func inc(v int) int {\n\treturn v + 1", "func inc(n int) int {\n\treturn n + 1")], []),
-    S("rs-none-other-fn", "rust", "none",
-      "fn inc(v: i32) -> i32 {\n    v + 1\n}\n\nfn dbl(v: i32) -> i32 {\n    v * 2\n}\n",
-      [("fn inc(v: i32) -> i32 {\n    v + 1", "fn inc(n: i32) -> i32 {\n    n + 1")], []),
-]
+SCENARIOS = load()

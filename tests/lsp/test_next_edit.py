@@ -242,3 +242,12 @@ def test_rejections_raise_the_threshold() -> None:
     for i in range(8):
         svc2.decide(f"s{i}", "rejected")
     assert svc2.threshold() == base
+
+
+def test_scored_window_stops_a_line_after_the_last_difference() -> None:
+    from gemma_lsp.next_edit_service import scored_window
+
+    same = "tail one\ntail two\ntail three\n"
+    got = scored_window(["a = w\nb = 1\n" + same, "a = width\nb = 1\n" + same])
+    assert got == ["a = w\nb = 1\n", "a = width\nb = 1\n"]
+    assert scored_window(["only\n"]) == ["only\n"]
