@@ -47,3 +47,21 @@ function T.code_action(kind, l1, l2)
   end, 0)
   return true
 end
+-- the next-edit suggestion as drawn: removed text (highlighted ranges) and added virtual text
+function T.next_edit()
+  local ns = vim.api.nvim_get_namespaces()["gemma_lsp_next_edit"]
+  local marks = ns and vim.api.nvim_buf_get_extmarks(0, ns, 0, -1, { details = true }) or {}
+  local out = { removed = {}, added = {} }
+  for _, m in ipairs(marks) do
+    local d = m[4]
+    if d.hl_group == "DiffDelete" then
+      local lines = vim.api.nvim_buf_get_text(0, m[2], m[3], d.end_row, d.end_col, {})
+      table.insert(out.removed, table.concat(lines, "\n"))
+    end
+    for _, chunk in ipairs(d.virt_text or {}) do table.insert(out.added, chunk[1]) end
+  end
+  return out
+end
+function T.cursor()
+  return vim.api.nvim_win_get_cursor(0)
+end

@@ -126,3 +126,26 @@ def test_ghost_text_accept_action_and_explain(nvim: Nvim, tmp_path: Path) -> Non
 
     assert nvim.wait(streamed), seen
     (tmp_path / "explain.txt").write_text(max(seen, key=len))
+
+
+def test_next_edit_is_drawn_jumped_to_and_accepted(nvim: Nvim, tmp_path: Path) -> None:
+    assert nvim.wait(lambda: nvim.lua("T.attached()"), timeout=60)
+    # a small file of its own: rename the parameter w in the signature
+    area = tmp_path / "area.py"
+    area.write_text("def area(w, h):\n    return w * h\n\n\n"
+                    "def perimeter(w, h):\n    return 2 * (w + h)\n")
+    nvim.send(f":e {area}<CR>")
+    assert nvim.wait(lambda: nvim.lua("T.attached()") and "area" in nvim.lua("T.buffer()"),
+                     timeout=60)
+    nvim.send("gg0fwcwwidth<Esc>")
+    drawn = nvim.wait(lambda: (d := nvim.lua("T.next_edit()")) and d["added"] and d)
+    assert drawn["added"] == ["width"] and drawn["removed"] == ["w"], drawn
+    shots = Path(os.environ.get("GEMMA_LSP_SHOTS", tmp_path))  # where the picture goes
+    screen = screenshot(nvim.sock, shots / "nvim-next-edit.png")
+    assert "return wwidth * h" in screen, screen  # "w" struck, "width" after it
+    nvim.send("<Tab>")  # jump to it
+    assert nvim.wait(lambda: nvim.lua("T.cursor()")[0] == 2)
+    nvim.send("<Tab>")  # accept it
+    done = nvim.wait(lambda: "return width * h" in (b := nvim.lua("T.buffer()")) and b)
+    assert done and "def perimeter(w, h)" in done
+    assert nvim.lua("T.next_edit()")["added"] == []

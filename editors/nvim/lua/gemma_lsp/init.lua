@@ -1,7 +1,9 @@
--- gemma-lsp for Neovim >= 0.11: starts the server, draws inline completions as ghost text,
--- and adds :GemmaExplain / :GemmaRefactor / :GemmaDocstring / :GemmaStatus. No logic about
--- models or prompts lives here: the server does all of it.
+-- gemma-lsp for Neovim >= 0.11: starts the server, draws inline completions as ghost text
+-- and next-edit suggestions (gemma_lsp/next_edit.lua), and adds :GemmaExplain /
+-- :GemmaRefactor / :GemmaDocstring / :GemmaStatus. No logic about models or prompts lives
+-- here: the server does all of it.
 local M = {}
+local next_edit = require("gemma_lsp.next_edit")
 
 local ns = vim.api.nvim_create_namespace("gemma_lsp_ghost")
 
@@ -19,6 +21,8 @@ M.config = {
     next = "<M-]>",
     prev = "<M-[>",
   },
+  -- next-edit suggestions: <Tab> (normal mode) jumps to the suggested edit, then accepts it
+  next_edit = next_edit.config,
 }
 
 -- state of the ghost text in the current buffer
@@ -254,6 +258,7 @@ end
 function M.setup(opts)
   M.config = vim.tbl_deep_extend("force", M.config, opts or {})
   local cfg = M.config
+  next_edit.config = cfg.next_edit
   local handlers = {
     ["$/progress"] = function(err, result, ctx)
       local value = result and result.value or {}
@@ -282,6 +287,7 @@ function M.setup(opts)
       if not client or client.name ~= "gemma_lsp" then
         return
       end
+      next_edit.attach(ev.buf, client, group, M.visible)
       if native then
         vim.lsp.inline_completion.enable(true, { bufnr = ev.buf })
         return
