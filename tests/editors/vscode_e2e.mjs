@@ -1,13 +1,14 @@
 // Drives VS Code (code-server) in headless Chromium with playwright-core: open a Python file,
 // type, wait for the gemma-lsp ghost text, accept it with Tab, then run "Gemma: Add Docstring"
-// and "Gemma: Refactor Selection…" from the command palette and save. Prints a JSON result.
-// Usage: node vscode_e2e.mjs URL FILE_NAME SCREENSHOT_DIR   (PLAYWRIGHT_CORE: module path)
+// and "Gemma: Refactor Selection…" from the command palette and save; then a next-edit
+// suggestion in AREA_FILE, jumped to and accepted with Tab. Prints a JSON result.
+// Usage: node vscode_e2e.mjs URL FILE SCREENSHOT_DIR [AREA_FILE]   (PLAYWRIGHT_CORE: module)
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 
 const require = createRequire(import.meta.url);
 const { chromium } = require(process.env.PLAYWRIGHT_CORE);
-const [url, filePath, shots] = process.argv.slice(2);
+const [url, filePath, shots, areaPath] = process.argv.slice(2);
 const fileName = filePath.split("/").pop();
 const result = { steps: [] };
 const step = (name, value = true) => { result[name] = value; result.steps.push(name); };
@@ -96,6 +97,38 @@ try {
   await page.waitForTimeout(1000);
   step("refactor_text", readFileSync(filePath, "utf8"));
   await page.screenshot({ path: `${shots}/vscode-after-actions.png` });
+  // a next edit: in area.py rename the parameter w, see the suggested edit of its use, Tab
+  // jumps to it, Tab accepts it
+  if (areaPath) {
+    await page.keyboard.press("Control+P");
+    await page.waitForSelector(".quick-input-widget input", { timeout: 30000 });
+    await page.keyboard.type("area.py", { delay: 10 });
+    await page.waitForTimeout(800);
+    await page.keyboard.press("Enter");
+    await page.waitForFunction(
+      () => (document.querySelector(".monaco-editor .view-lines")?.textContent || "")
+        .includes("perimeter"), null, { timeout: 30000 });  // (spaces render as nbsp)
+    await page.waitForTimeout(2000);
+    await page.keyboard.press("Control+Home");
+    for (let i = 0; i < 9; i++) await page.keyboard.press("ArrowRight");
+    await page.keyboard.press("Shift+ArrowRight");
+    await page.keyboard.type("width", { delay: 40 });
+    await page.keyboard.press("Escape");  // leave the suggest widget, if any
+    // the suggestion is drawn: "width" after the struck-through "w" of `return w * h`
+    await page.waitForFunction(
+      () => [...document.querySelectorAll(".monaco-editor .view-lines span")]
+        .some((el) => getComputedStyle(el, "::after").content.includes("width")),
+      null, { timeout: 120000 },
+    ).then(() => step("next_edit_shown")).catch(() => step("next_edit_timeout"));
+    await page.screenshot({ path: `${shots}/vscode-next-edit.png` });
+    await page.keyboard.press("Tab");  // jump
+    await page.waitForTimeout(500);
+    await page.keyboard.press("Tab");  // accept
+    await page.waitForTimeout(800);
+    await page.keyboard.press("Control+S");
+    await page.waitForTimeout(1000);
+    step("next_edit_text", readFileSync(areaPath, "utf8"));
+  }
 } catch (e) {
   result.error = String(e);
   await page.screenshot({ path: `${shots}/vscode-error.png` }).catch(() => {});

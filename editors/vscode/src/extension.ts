@@ -7,6 +7,7 @@ import {
   ServerOptions,
   TransportKind,
 } from "vscode-languageclient/node";
+import { NextEdits } from "./nextEdit";
 
 let client: LanguageClient | undefined;
 let status: vscode.StatusBarItem;
@@ -157,6 +158,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     }),
   );
   await client.start();
+  context.subscriptions.push(new NextEdits(client));
   await refreshStatus();
   const timer = setInterval(() => void refreshStatus(), 15000);
   context.subscriptions.push({ dispose: () => clearInterval(timer) });
