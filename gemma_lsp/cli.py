@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     # what language clients pass by convention (vscode-languageclient: --stdio)
     parser.add_argument("--stdio", action="store_true", help="serve LSP on stdio (the default)")
     parser.add_argument("--clientProcessId", help=argparse.SUPPRESS)
+    parser.add_argument("--max-frame-mb", type=float, default=64.0, metavar="MB",
+                        help="largest LSP message accepted; a larger one is skipped (default 64)")
+    parser.add_argument("--debug-commands", action="store_true",
+                        help="add the gemma.debug.document command (the server's copy of a "
+                        "document; for tests)")
     sub = parser.add_subparsers(dest="command")
 
     g = sub.add_parser("generate", help="complete a prompt with the local model")
@@ -253,8 +258,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from gemma_lsp.server import serve
 
+    if not args.max_frame_mb > 0:
+        raise CliError(f"--max-frame-mb must be positive, got {args.max_frame_mb}")
     try:
-        return serve(args.tcp)
+        return serve(args.tcp, int(args.max_frame_mb * 1024 * 1024), args.debug_commands)
     except ValueError as e:
         raise CliError(str(e)) from e
 

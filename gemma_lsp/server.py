@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 from lsprotocol import types as t
+from pygls.exceptions import FeatureRequestError
 from pygls.lsp.server import LanguageServer
 
 from gemma_lsp import __version__
@@ -20,6 +21,7 @@ from gemma_lsp.config import ServerOptions, parse_options
 from gemma_lsp.documents import DocumentStore
 from gemma_lsp.engine_status import StartNotifier
 from gemma_lsp.next_edit_service import ACCEPT_COMMAND, REJECT_COMMAND, NextEditService
+from gemma_lsp.transport import DEFAULT_MAX_FRAME_BYTES, GemmaProtocol, serve_stdio, serve_tcp
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +31,15 @@ class GemmaServer(LanguageServer):
 
     def __init__(self, backend_factory: Any = None) -> None:
         super().__init__("gemma-lsp", __version__,
-                         text_document_sync_kind=t.TextDocumentSyncKind.Incremental)
+                         text_document_sync_kind=t.TextDocumentSyncKind.Incremental,
+                         protocol_cls=GemmaProtocol)
         self.options = ServerOptions()
         self.store = DocumentStore(max_file_bytes=self.options.max_file_bytes)
         self._backend_factory = backend_factory or _default_backend
         self._backend: Backend | None = None
         self._warned: set[str] = set()
         self.start_notifier = StartNotifier(self, self.engine_error, self._warned.clear)
+        self._told_internal_error = False
         self.completion = CompletionService(
             self.store, self.backend, lambda: self.options, self.engine_error,
             root_uri=lambda: self._root_uri,
@@ -81,6 +85,18 @@ class GemmaServer(LanguageServer):
             self.window_show_message(t.ShowMessageParams(type=kind, message=message))
         except Exception:  # noqa: BLE001 - before initialize there is no client to tell
             log.info("%s", message)
+
+    def report_server_error(self, error: Exception, source: Any) -> None:
+        """pygls' out-of-band errors (a notification handler that failed): logged with their
+        details; the user is told once per session, not once per keystroke."""
+        detail = getattr(error, "data", None)
+        log.error("internal error (%s): %s%s", getattr(source, "__name__", source), error,
+                  f"\n{detail}" if isinstance(detail, str) else "")
+        if source is FeatureRequestError or self._told_internal_error:
+            return  # a request's error is its reply
+        self._told_internal_error = True
+        self.notify("gemma-lsp hit an internal error; its log has the details",
+                    t.MessageType.Error)
 
     def hide_classic_completion(self) -> None:
         fm = self.protocol.fm
@@ -145,7 +161,9 @@ def _default_backend(options: ServerOptions) -> Backend:
     return EngineBackend(socket_path=e.socket_path, autostart=e.autostart, model=e.model)
 
 
-def create_server(backend_factory: Any = None) -> GemmaServer:
+def create_server(backend_factory: Any = None, debug_commands: bool = False) -> GemmaServer:
+    """The server with its features; `debug_commands` adds `gemma.debug.document` (the
+    server's copy of a document, for tests that check text sync through the real process)."""
     server = GemmaServer(backend_factory)
 
     @server.feature(t.INITIALIZE)
@@ -177,7 +195,9 @@ def create_server(backend_factory: Any = None) -> GemmaServer:
     def did_change(ls: GemmaServer, params: t.DidChangeTextDocumentParams) -> None:
         doc = ls.store.change(params.text_document.uri, params.text_document.version,
                               params.content_changes)
-        if doc is not None and not doc.skipped:
+        if doc is None:
+            log.warning("didChange for %s, which is not open: ignored", params.text_document.uri)
+        elif not doc.skipped:
             ls.completion.schedule_warm(doc.uri)
 
     @server.feature(t.TEXT_DOCUMENT_DID_CLOSE)
@@ -301,6 +321,13 @@ def create_server(backend_factory: Any = None) -> GemmaServer:
             return run
         server.command(name)(make(name))
 
+    if debug_commands:
+        @server.command("gemma.debug.document")
+        def debug_document(ls: GemmaServer, uri: str) -> dict[str, Any] | None:
+            doc = ls.store.get(uri)
+            return None if doc is None else {"uri": doc.uri, "version": doc.version,
+                                             "text": doc.text, "encoding": str(doc.encoding)}
+
     @server.feature(t.WINDOW_WORK_DONE_PROGRESS_CANCEL)
     def progress_cancel(ls: GemmaServer, params: t.WorkDoneProgressCancelParams) -> None:
         ls.commands.cancel_progress(params.token)
@@ -327,8 +354,9 @@ def _field(obj: Any, name: str) -> Any:
     return getattr(obj, name, None)
 
 
-def serve(tcp: str | None = None) -> int:
-    server = create_server()
+def serve(tcp: str | None = None, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+          debug_commands: bool = False) -> int:
+    server = create_server(debug_commands=debug_commands)
     if tcp:
         host, _, port = tcp.rpartition(":")
         if not port.isdigit():
@@ -337,7 +365,6 @@ def serve(tcp: str | None = None) -> int:
         # as an unhandled error before it propagates: not an error, drop that record
         logging.getLogger("asyncio").addFilter(
             lambda r: not (r.exc_info and isinstance(r.exc_info[1], SystemExit)))
-        server.start_tcp(host or "127.0.0.1", int(port))
-    else:
-        server.start_io()
-    return 0
+        serve_tcp(server, host or "127.0.0.1", int(port), max_frame_bytes)
+        return 0
+    return serve_stdio(server, max_frame_bytes)
