@@ -14,7 +14,7 @@ from lsprotocol import types as t
 from gemma_lsp.backend import Backend, BackendError, astart, astream
 from gemma_lsp.config import ServerOptions
 from gemma_lsp.context import CompletionContext, build_context
-from gemma_lsp.documents import Document, DocumentStore
+from gemma_lsp.documents import Document, DocumentStore, convert_eol, split_lines
 from gemma_lsp.prompts import (
     InstructionTemplates,
     docstring_insertion,
@@ -61,6 +61,11 @@ class Selection:
     @property
     def text(self) -> str:
         return self.doc.text[self.start : self.end]
+
+    @property
+    def eol(self) -> str:
+        """The line break the selection uses (edits for a CRLF document use CRLF)."""
+        return self.doc.eol_at(self.start)
 
 
 ACTION_COMMANDS = {"explain": "gemma.explain", "refactor": "gemma.refactor",
@@ -166,8 +171,8 @@ class ActionService:
             doc = self._doc(uri, sel.doc.version)
             if not answer.strip():
                 raise ActionError("Gemma wrote no documentation for this selection")
-            lines = sel.text.splitlines(keepends=True)
-            comment = insertion.head + answer.strip() + insertion.tail
+            lines = split_lines(sel.text, keepends=True)
+            comment = convert_eol(insertion.head + answer.strip() + insertion.tail, sel.eol)
             code = "".join(lines[: insertion.at_line]) + comment + "".join(
                 lines[insertion.at_line :])
             edit = minimal_edit(doc, sel.start, sel.end, code)
@@ -176,11 +181,11 @@ class ActionService:
         prompt, stop = self.prompt(kind, sel, instruction, diagnostics or [])
         answer = await self.generate(prompt, stop, on_text, scope)
         doc = self._doc(uri, sel.doc.version)  # refuse if the user edited meanwhile
-        code = reindent(extract_code_block(answer), sel.text)
+        code = convert_eol(reindent(extract_code_block(answer), sel.text), sel.eol)
         if not code.strip():
             raise ActionError("Gemma returned no code for this selection")
-        if sel.text.endswith("\n") and not code.endswith("\n"):
-            code += "\n"
+        if sel.text.endswith(("\n", "\r")) and not code.endswith(("\n", "\r")):
+            code += sel.eol
         edit = minimal_edit(doc, sel.start, sel.end, code)
         if edit is None:
             raise ActionError(NO_CHANGE)
@@ -265,7 +270,7 @@ class ActionService:
 def reindent(code: str, original: str) -> str:
     """Give `code` the original selection's base indentation if the model dropped it."""
     def base(text: str) -> str:
-        lines = [ln for ln in text.splitlines() if ln.strip()]
+        lines = [ln for ln in split_lines(text) if ln.strip()]
         if not lines:
             return ""
         return min((ln[: len(ln) - len(ln.lstrip(" \t"))] for ln in lines), key=len)
@@ -274,13 +279,13 @@ def reindent(code: str, original: str) -> str:
     if not want or have == want or len(have) > len(want) or not want.startswith(have):
         return code
     pad = want[len(have):]
-    return "".join(pad + ln if ln.strip() else ln for ln in code.splitlines(keepends=True))
+    return "".join(pad + ln if ln.strip() else ln for ln in split_lines(code, keepends=True))
 
 
 def minimal_edit(doc: Document, start: int, end: int, new: str) -> t.TextEdit | None:
     """One TextEdit covering only the lines that differ between doc[start:end] and `new`."""
-    old_lines = doc.text[start:end].splitlines(keepends=True)
-    new_lines = new.splitlines(keepends=True)
+    old_lines = split_lines(doc.text[start:end], keepends=True)
+    new_lines = split_lines(new, keepends=True)
     p = 0
     while p < min(len(old_lines), len(new_lines)) and old_lines[p] == new_lines[p]:
         p += 1

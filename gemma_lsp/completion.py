@@ -18,7 +18,7 @@ from typing import Any
 from gemma_lsp.backend import Backend, BackendError, BackendStarting, astart, astream
 from gemma_lsp.config import ServerOptions
 from gemma_lsp.context import CompletionContext, build_context
-from gemma_lsp.documents import Document, DocumentStore
+from gemma_lsp.documents import Document, DocumentStore, convert_eol
 from gemma_lsp.postprocess import finalize, should_stop_early, typed_ahead
 from gemma_lsp.prompts import completion_prompt, custom_fim_template, template_for_model
 
@@ -109,8 +109,9 @@ class CompletionService:
             self._inflight[uri] = flight
         flight.waiters += 1
         t0 = time.perf_counter()
+        eol = doc.eol_at(offset)  # a multi-line suggestion for a CRLF document uses CRLF
         try:
-            result = list(await asyncio.shield(flight.task))
+            result = [convert_eol(s, eol) for s in await asyncio.shield(flight.task)]
             log.info("completion %s@%d: %d suggestion(s) in %.0f ms%s", uri, offset,
                      len(result), (time.perf_counter() - t0) * 1000,
                      " (shared)" if flight.waiters > 1 else "")

@@ -23,7 +23,9 @@ __all__ = [
     "DocumentStore",
     "EditRegion",
     "apply_changes_to_string",
+    "convert_eol",
     "normalize_encoding",
+    "split_lines",
 ]
 
 DEFAULT_MAX_FILE_BYTES = 20 * 1024 * 1024
@@ -46,6 +48,25 @@ def normalize_encoding(encoding: lsp.PositionEncodingKind | str | None) -> lsp.P
         return lsp.PositionEncodingKind(str(encoding).lower())
     except ValueError:
         raise ValueError(f"unknown position encoding {encoding!r}") from None
+
+
+def split_lines(text: str, keepends: bool = False) -> list[str]:
+    """The lines of ``text`` at LSP's line breaks only (``\\n``, ``\\r\\n``, ``\\r``), not
+    at the form feeds, NELs and U+2028/9 where ``str.splitlines`` also splits. As with
+    ``splitlines``, a final line break does not start an empty last line."""
+    out: list[str] = []
+    start = 0
+    for m in _EOL.finditer(text):
+        out.append(text[start : m.end() if keepends else m.start()])
+        start = m.end()
+    if start < len(text):
+        out.append(text[start:])
+    return out
+
+
+def convert_eol(text: str, eol: str) -> str:
+    """``text`` with every line break written as ``eol``."""
+    return text if eol == "\n" and "\r" not in text else _EOL.sub(eol, text)
 
 
 def _is_line_start(text: str, p: int) -> bool:
@@ -278,6 +299,13 @@ class Document:
         """The document's first line break (``"\\n"`` if it has none)."""
         m = _EOL.search(self._text)
         return m.group(0) if m else "\n"
+
+    def eol_at(self, offset: int) -> str:
+        """The line break ending the line at ``offset`` (the document's first one if that
+        line has none): what text inserted there should use."""
+        line = self.line_of_offset(offset)
+        brk = self._text[self.line_end(line) : self.line_end(line, include_eol=True)]
+        return brk or self.eol
 
     # -- positions --------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gemma_lsp.context import CompletionContext, Snippet, comment_syntax, render_extras_block
+from gemma_lsp.documents import split_lines
 
 __all__ = [
     "DEFAULT_FIM_TEMPLATE",
@@ -480,7 +481,7 @@ class Insertion:
 def docstring_insertion(ctx: CompletionContext, selection: str, language: str) -> Insertion | None:
     """A completion-style docstring prompt that even base models follow: the file up to the
     definition, then the opening of the doc comment; the answer is the comment's text."""
-    lines = selection.splitlines()
+    lines = split_lines(selection)  # LSP's lines, as the edit counts them
     if not lines or not lines[0].strip():
         return None
     first = lines[0]

@@ -326,7 +326,7 @@ def create_server(backend_factory: Any = None, debug_commands: bool = False) -> 
         def debug_document(ls: GemmaServer, uri: str) -> dict[str, Any] | None:
             doc = ls.store.get(uri)
             return None if doc is None else {"uri": doc.uri, "version": doc.version,
-                                             "text": doc.text, "encoding": str(doc.encoding)}
+                                             "text": doc.text, "encoding": doc.encoding.value}
 
     @server.feature(t.WINDOW_WORK_DONE_PROGRESS_CANCEL)
     def progress_cancel(ls: GemmaServer, params: t.WorkDoneProgressCancelParams) -> None:
