@@ -146,21 +146,21 @@ class FrameReader:
                                     len(self._buf))
                     return None
                 continue
+            length, span = int(m.group(1)), m.end() - m.start()  # before the buffer moves
             if m.start() and self._buf[: m.start()].strip():
                 self._drop(m.start(), "junk before a header")
             elif m.start():
                 del self._buf[: m.start()]
-            end = self._header_end(m.end() - m.start())
+            end = self._header_end(span)
             if end is None:
                 if len(self._buf) > MAX_HEADER_BYTES:
-                    self._drop(m.end() - m.start(), "a header block with no end")
+                    self._drop(span, "a header block with no end")
                     continue
                 if not await self._fill():
                     return None
                 continue
             if end < 0:  # another Content-Length inside the block: start again from it
                 continue
-            length = int(m.group(1))
             del self._buf[:end]
             return length
 
@@ -273,12 +273,16 @@ class GemmaProtocol(LanguageServerProtocol):
         message = self._checked(raw)
         if message is None:
             return
+        method, msg_id = getattr(message, "method", None), getattr(message, "id", None)
+        if self._shutdown and method not in (None, t.EXIT):
+            if _is_id(msg_id):  # pygls dropped these silently: the client waited forever
+                self._reply_error(msg_id, JsonRpcInvalidRequest("the server is shutting down"))
+            return
         try:
             self.handle_message(message)
         except Exception as exc:  # noqa: BLE001 - a dispatch bug must not stop the reader
-            log.exception("could not dispatch %s", getattr(message, "method", "a message"))
-            msg_id = getattr(message, "id", None)
-            if getattr(message, "method", None) and _is_id(msg_id):
+            log.exception("could not dispatch %s", method or "a message")
+            if method and _is_id(msg_id):
                 self._reply_error(msg_id, JsonRpcInternalError(str(exc)))
 
     def _decode(self, body: bytes, reader: FrameReader | None) -> Any:
