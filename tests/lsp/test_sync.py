@@ -95,11 +95,12 @@ def test_positions_past_a_line_or_the_document_clamp(encoding: str) -> None:
         ({"start": {"line": 0, "character": 99}, "end": {"line": 0, "character": 99}}, "<"),
         ({"start": {"line": 1, "character": 50}, "end": {"line": 1, "character": 60}}, "|"),
         ({"start": {"line": 40, "character": 0}, "end": {"line": 41, "character": 3}}, "$"),
+        ({"start": {"line": 2, "character": 77}, "end": {"line": 2, "character": 78}}, "!"),
     ]:
         s.change(URI, 2, [{"range": rng, "text": new}])
         client = ref.apply_edit(client, rng, new, encoding)
         assert s.text(URI) == client
-    assert client == "ab😀<\r\nc\x85d|\rlast$"
+    assert client == "ab😀<\r\nc\x85d|\rlast$!"  # past the end of the last line: its end
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
