@@ -67,6 +67,24 @@ class _Capture:
         pass
 
 
+LOOP = asyncio.new_event_loop()  # runs the handlers of tests that are not async themselves
+
+
+def in_loop(fn: Any) -> Any:
+    """Call `fn` with an event loop running (handlers may need one), then let the tasks it
+    started take a step."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        async def step() -> Any:
+            result = fn()
+            await asyncio.sleep(0)
+            return result
+
+        return LOOP.run_until_complete(step())
+    return fn()
+
+
 class InProcess:
     """One server session; `frame(bytes)` hands it a frame body as the reader would."""
 
@@ -83,7 +101,8 @@ class InProcess:
         return self.server.protocol
 
     def frame(self, body: bytes | str) -> None:
-        self.protocol.receive(body.encode() if isinstance(body, str) else body)
+        data = body.encode() if isinstance(body, str) else body
+        in_loop(lambda: self.protocol.receive(data))
 
     def send(self, message: Any) -> None:
         self.frame(json.dumps(message))

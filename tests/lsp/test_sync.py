@@ -5,7 +5,6 @@ unknown documents, and the edits the server returns applied to the client's text
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import random
 from typing import Any
@@ -15,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.lsp import lsp_reference as ref
-from tests.lsp.inproc import InProcess, ScriptedBackend
+from tests.lsp.inproc import LOOP, InProcess, ScriptedBackend
 
 URI = "file:///w/doc.py"
 ENCODINGS = ["utf-16", "utf-8", "utf-32"]
@@ -34,7 +33,6 @@ def session(encoding: str | None = None, backend: Any = None) -> InProcess:
 
 
 _SHARED: dict[str, InProcess] = {}
-_LOOP = asyncio.new_event_loop()  # one loop for the examples of a property test
 _URIS = itertools.count()
 
 
@@ -218,7 +216,7 @@ def test_returned_edits_apply_to_the_clients_text(encoding: str, rnd: random.Ran
     line break); a completion's edit inserts at the cursor and keeps the rest."""
     client = ref.random_text(rnd, size)
     s, uri = shared_session(encoding)
-    _LOOP.run_until_complete(_check_returned_edits(s, uri, encoding, rnd, client))
+    LOOP.run_until_complete(_check_returned_edits(s, uri, encoding, rnd, client))
     s.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
 
 
