@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from gemma_lsp.documents import split_lines
+
 __all__ = [
     "Candidate",
     "EditGroup",
@@ -357,7 +359,7 @@ def _line_start_edit(before: str, after: str) -> tuple[str, str] | None:
 def _apply_line_start_edit(text: str, indent: str, removed: str, inserted: str) -> str:
     """Repeat it on the lines of ``text`` that have the same indentation."""
     out = []
-    for line in text.splitlines(keepends=True):
+    for line in split_lines(text, keepends=True):
         body = line[len(indent):]
         if (line.startswith(indent) and body.strip() and not body[0].isspace()
                 and (body.startswith(removed) if removed else not body.startswith(inserted))
@@ -385,8 +387,8 @@ def carry_over_candidates(region: Region, history: Sequence[EditGroup],
     while b < len(text) and (text[b].isalnum() or text[b] == "_"):
         b += 1
     head, mid, tail = text[:a], text[a:b], text[b:]
-    lines = text.splitlines(keepends=True) or [""]
-    at = text.count("\n", 0, a)
+    lines = split_lines(text, keepends=True) or [""]
+    at = len(split_lines(text[:a] + "x")) - 1  # the edit's line (LSP line breaks)
     s_a, s_b = _scope(lines, min(at, len(lines) - 1))
     scope_lo = sum(len(x) for x in lines[:s_a])
     scope_hi = sum(len(x) for x in lines[:s_b])

@@ -251,3 +251,12 @@ def test_scored_window_stops_a_line_after_the_last_difference() -> None:
     got = scored_window(["a = w\nb = 1\n" + same, "a = width\nb = 1\n" + same])
     assert got == ["a = w\nb = 1\n", "a = width\nb = 1\n"]
     assert scored_window(["only\n"]) == ["only\n"]
+
+
+def test_candidates_count_lines_at_lsp_line_breaks_only() -> None:
+    # a form feed is not a line break: the renamed parameter's body is still the next line
+    text, h = scenario("import os\n\x0c\ndef area(w, h):\n    return w * h\n",
+                       "area(w,", "area(width,")
+    assert candidates(text, h) == ["import os\n\x0c\ndef area(width, h):\n    return width * h\n"]
+    text, h = scenario("def f():\r\n    a()\r\n    b()\r\n", "    a()", "    await a()")
+    assert candidates(text, h) == ["def f():\r\n    await a()\r\n    await b()\r\n"]
