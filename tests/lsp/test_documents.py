@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -381,21 +380,21 @@ def test_by_activity_orders_documents() -> None:
 # --- speed ------------------------------------------------------------------------------------
 
 
-def test_keystrokes_in_a_large_file_are_fast() -> None:
+def test_keystrokes_in_a_large_file_keep_the_line_index_right() -> None:
+    """Many keystrokes in one place, then jumps around a 20k-line file (the lazy shift of the
+    line index is applied): positions stay right. (Its speed is measured by
+    scripts/bench_lsp.py, not asserted here.)"""
     text = "".join(f"    value_{i} = compute({i}, 'x')  # note\n" for i in range(20_000))
     store = DocumentStore()
     doc = store.open("file:///big.py", text, 1, "python")
     assert doc.line_count == 20_001
-    n = 300
-    t0 = time.perf_counter()
-    for k in range(n):
+    for k in range(300):
         line = 5_000 + k // 20
         type_at(store, "file:///big.py", line, 4, "\n" if k % 10 == 9 else "z")
-    per_edit = (time.perf_counter() - t0) / n
-    assert per_edit < 0.002, f"{per_edit * 1e3:.3f} ms per keystroke"
-    t0 = time.perf_counter()
-    for k in range(50):  # jumping around the file forces the lazy shift to be applied
+    for k in range(50):
         type_at(store, "file:///big.py", (k * 7919) % 20_000, 0, "q")
-    per_edit = (time.perf_counter() - t0) / 50
-    assert per_edit < 0.005, f"{per_edit * 1e3:.3f} ms per jumping keystroke"
+    lines = doc.text.split("\n")
+    for line in (0, 4_999, 5_003, 12_345, 20_029):
+        assert doc.line_text(line) == lines[line]
+        assert doc.offset_at(lsp.Position(line, 0)) == sum(len(x) + 1 for x in lines[:line])
     assert doc.line_count == 20_001 + 30
