@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import stat
@@ -21,15 +22,32 @@ import msgpack
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 64 * 1024 * 1024  # a 20 MB document as UTF-8 plus headroom
+MAX_PROMPT_BYTES = 16 * 1024 * 1024  # checked before anything tokenizes a prompt
+MAX_NEW_TOKENS = 1 << 20  # far beyond any model context: a sanity bound, not a policy
+MAX_PRIORITY = 1 << 20
+MAX_LOGPROBS = 20
+MAX_STOPS = 64
+MAX_STOP_BYTES = 1024
 _LEN = struct.Struct(">I")
 
 
 class ProtocolError(ValueError):
-    """A malformed or unknown message in a whole frame: the stream is still in step."""
+    """A malformed or unknown message in a whole frame: the stream is still in step.
+
+    `req_id` is the request's id when the frame carried a readable one (the error reply
+    echoes it, so the client's wait for that request ends), else 0.
+    """
+
+    def __init__(self, message: str, req_id: int = 0) -> None:
+        super().__init__(message)
+        self.req_id = req_id
 
 
 class FrameError(ProtocolError):
     """An oversized or truncated frame: the stream is out of step and must be closed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
 
 
 # Error codes carried by `Error.code`.
@@ -215,19 +233,34 @@ def decode(data: bytes) -> Message:
     if not isinstance(body, dict):
         raise ProtocolError("a frame must hold a map")
     kind = body.pop("type", None)
+    rid = body.get("id", 0)
+    req_id = rid if isinstance(rid, int) and not isinstance(rid, bool) else 0
     cls = MESSAGES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {kind!r}")
+        raise ProtocolError(f"unknown message type {kind!r}", req_id)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(body) - set(fields)
     if unknown:
-        raise ProtocolError(f"{kind}: unknown field(s) {sorted(unknown)}")
+        raise ProtocolError(f"{kind}: unknown field(s) {sorted(unknown)}", req_id)
     try:
         msg = cls(**body)
     except TypeError as e:
-        raise ProtocolError(f"{kind}: {e}") from e
-    _check_types(msg)
+        raise ProtocolError(f"{kind}: {e}", req_id) from e
+    try:
+        validate(msg)
+    except ProtocolError as e:
+        raise ProtocolError(str(e), req_id) from None
     return msg
+
+
+def validate(msg: Message) -> None:
+    """ProtocolError (a ValueError) naming the first bad field and value of a message.
+
+    `decode` runs it on every frame; the scheduler runs it again on what in-process callers
+    (the HTTP API) build, so every path into the engine is checked the same way.
+    """
+    _check_types(msg)
+    _check_ranges(msg)
 
 
 _SCALARS: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str}
@@ -256,6 +289,50 @@ def _check_types(msg: Message) -> None:
         raise ProtocolError(f"{msg.TYPE}.stop: every stop must be a string")
     if isinstance(msg, Score) and not all(isinstance(c, str) for c in msg.continuations):
         raise ProtocolError("score.continuations: every continuation must be a string")
+
+
+def _check_ranges(msg: Message) -> None:
+    """Values a well-typed request may still get wrong, named with the bad value."""
+    def bad(name: str, value: object, want: str) -> ProtocolError:
+        return ProtocolError(f"{msg.TYPE}.{name}: {value!r} is out of range (want {want})")
+
+    if isinstance(msg, Generate | Warm | Score):
+        size = _utf8_len(msg.prompt)
+        if size > MAX_PROMPT_BYTES:
+            raise ProtocolError(f"{msg.TYPE}.prompt: {size} bytes exceeds the "
+                                f"{MAX_PROMPT_BYTES}-byte limit on a prompt")
+    if isinstance(msg, Score) and not 0 <= msg.priority <= MAX_PRIORITY:
+        raise bad("priority", msg.priority, f"0..{MAX_PRIORITY}")
+    if not isinstance(msg, Generate):
+        return
+    if not 0 <= msg.max_tokens <= MAX_NEW_TOKENS:
+        raise bad("max_tokens", msg.max_tokens, f"0..{MAX_NEW_TOKENS}")
+    if not (math.isfinite(msg.temperature) and msg.temperature >= 0):
+        raise bad("temperature", msg.temperature, "a finite number >= 0")
+    if msg.top_k < 0:
+        raise bad("top_k", msg.top_k, ">= 0")
+    if not (math.isfinite(msg.top_p) and 0 < msg.top_p <= 1):
+        raise bad("top_p", msg.top_p, "0 < top_p <= 1")
+    if msg.seed is not None and not 0 <= msg.seed < 1 << 64:
+        raise bad("seed", msg.seed, "0 <= seed < 2**64, or none")
+    if not 0 <= msg.priority <= MAX_PRIORITY:
+        raise bad("priority", msg.priority, f"0..{MAX_PRIORITY}")
+    if not (math.isfinite(msg.deadline_ms) and msg.deadline_ms >= 0):
+        raise bad("deadline_ms", msg.deadline_ms, "a finite number >= 0 (0 = none)")
+    if not 0 <= msg.logprobs <= MAX_LOGPROBS:
+        raise bad("logprobs", msg.logprobs, f"0..{MAX_LOGPROBS}")
+    if len(msg.stop) > MAX_STOPS:
+        raise bad("stop", f"{len(msg.stop)} strings", f"at most {MAX_STOPS}")
+    for s in msg.stop:
+        if _utf8_len(s) > MAX_STOP_BYTES:
+            raise bad("stop", s[:40] + "...", f"strings of at most {MAX_STOP_BYTES} bytes")
+
+
+def _utf8_len(text: str) -> int:
+    """UTF-8 size without building the encoding (a 60 MB str costs no second 60 MB)."""
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def read_frame(sock: socket.socket) -> Message | None:
