@@ -10,10 +10,12 @@ import fcntl
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +41,14 @@ class DaemonOptions:
     persist: bool = True
     cache_file: Path | None = None  # None: in the user cache dir, named by model fingerprint
     http: HttpOptions | None = None  # also serve the OpenAI-compatible API (engine.http_api)
+    client_buffer_kb: int = 256  # replies queued for a client before its work pauses
+    client_stall_s: float = 30.0  # a paused client that reads nothing this long is dropped
 
     def __post_init__(self) -> None:
+        if self.client_buffer_kb < 4:
+            raise ValueError(f"client buffer must be >= 4 KB, got {self.client_buffer_kb}")
+        if not self.client_stall_s > 0:
+            raise ValueError(f"client stall timeout must be > 0 s, got {self.client_stall_s}")
         if self.idle_timeout_s < 0:
             raise ValueError(f"idle timeout must be >= 0, got {self.idle_timeout_s}")
         if self.cache_mb < 0:
@@ -53,24 +61,61 @@ class AlreadyRunning(Exception):
 
 
 class Connection:
-    """One client: a reader thread; sends are serialized by a lock (scheduler + reader send)."""
+    """One client: a reader thread (requests in) and a writer thread (replies out).
 
-    def __init__(self, daemon: Daemon, sock: socket.socket) -> None:
+    Sending never blocks the sender (the compute thread least of all): replies go into a
+    bounded outbound buffer that the writer thread drains into the socket. A client whose
+    buffer passes `buffer_bytes` is not reading: `writable()` turns false and the scheduler
+    pauses its work until the writer has drained half of it; a client that stays that way for
+    `stall_s` is dropped (its work cancelled) and the others never notice.
+    """
+
+    def __init__(self, daemon: Daemon, sock: socket.socket, buffer_bytes: int = 256 << 10,
+                 stall_s: float = 30.0) -> None:
         self.daemon = daemon
         self.sock = sock
-        self._send_lock = threading.Lock()
+        self.buffer_bytes = buffer_bytes
+        self.stall_s = stall_s
+        self.name = ""  # the client's name from its hello
+        self._out: deque[bytes] = deque()
+        self._out_bytes = 0
+        self._out_cv = threading.Condition()
+        self._paused_since: float | None = None  # when the buffer last passed buffer_bytes
         self.closed = False
+        try:  # the kernel's share of the buffer is bounded too (Linux doubles the value)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(buffer_bytes // 2, 4096))
+        except OSError:
+            pass
 
     def send(self, msg: P.Message) -> None:
+        """Queue one message for the writer; OSError if the connection is closed or so far
+        behind that even a paused client's buffer overflowed (it is then dropped)."""
         data = P.encode(msg)
-        with self._send_lock:
+        with self._out_cv:
             if self.closed:
                 raise OSError("connection closed")
-            self.sock.sendall(data)
+            overflow = bool(self._out) and self._out_bytes + len(data) > 4 * self.buffer_bytes
+            if not overflow:
+                self._out.append(data)
+                self._out_bytes += len(data)
+                if self._paused_since is None and self._out_bytes > self.buffer_bytes:
+                    self._paused_since = time.monotonic()
+                    log.info("client %s is not reading its replies: its work is paused",
+                             self.name or "?")
+                self._out_cv.notify()
+        if overflow:
+            self._drop(f"its reply buffer overflowed ({self._out_bytes} bytes queued)")
+            raise OSError("client dropped: not reading its replies")
+
+    def writable(self) -> bool:
+        """False while the client is not reading (the scheduler pauses its work)."""
+        return self._paused_since is None and not self.closed
 
     def serve(self) -> None:
+        threading.Thread(target=self._write, name="client-writer", daemon=True).start()
         try:
-            self._handshake()
+            if not self._handshake():
+                return
             while not self.closed:
                 try:
                     msg = P.read_frame(self.sock)
@@ -78,7 +123,7 @@ class Connection:
                     self._reply(P.Error(0, P.E_BAD_REQUEST, str(e)))
                     return
                 except P.ProtocolError as e:  # a bad message in a whole frame: go on
-                    self._reply(P.Error(0, P.E_BAD_REQUEST, str(e)))
+                    self._reply(P.Error(e.req_id, P.E_BAD_REQUEST, str(e)))
                     continue
                 if msg is None:
                     return
@@ -92,20 +137,27 @@ class Connection:
         except OSError:
             pass
         finally:
-            self.close()
+            self.close(flush=True)
 
-    def _handshake(self) -> None:
-        msg = P.read_frame(self.sock)
+    def _handshake(self) -> bool:
+        """The first frame must be a well-formed hello of our version; else an error reply."""
+        try:
+            msg = P.read_frame(self.sock)
+        except P.ProtocolError as e:
+            self._reply(P.Error(0, P.E_BAD_REQUEST, f"bad hello: {e}"))
+            return False
         if msg is None:
-            raise OSError("closed before hello")
+            return False
         if not isinstance(msg, P.Hello):
             self._reply(P.Error(0, P.E_BAD_REQUEST, f"expected hello first, got {msg.TYPE}"))
-            raise OSError("no hello")
+            return False
         if msg.version != P.PROTOCOL_VERSION:
             self._reply(P.Error(0, P.E_VERSION, f"client speaks protocol {msg.version}, this "
                                                f"engine speaks {P.PROTOCOL_VERSION}"))
-            raise OSError("version mismatch")
+            return False
+        self.name = msg.client
         self.send(P.HelloReply(model=self.daemon.model.name, pid=os.getpid()))
+        return True
 
     def _dispatch(self, msg: P.Message) -> None:
         sched = self.daemon.scheduler
@@ -128,13 +180,76 @@ class Connection:
         except OSError:
             pass
 
-    def close(self) -> None:
-        with self._send_lock:
+    def _write(self) -> None:
+        """The writer thread: drain the buffer; the only thread that may wait on the socket."""
+        try:
+            while True:
+                with self._out_cv:
+                    while not self._out and not self.closed:
+                        self._out_cv.wait()
+                    if not self._out:
+                        return
+                    data = self._out[0]
+                if not self._send_all(data):
+                    return
+                with self._out_cv:
+                    self._out.popleft()
+                    self._out_bytes -= len(data)
+                    resumed = (self._paused_since is not None
+                               and self._out_bytes <= self.buffer_bytes // 2)
+                    if resumed:
+                        self._paused_since = None
+                if resumed:
+                    log.info("client %s reads again: its work resumes", self.name or "?")
+                    self.daemon.scheduler.wake()
+        except (OSError, ValueError):  # the socket went away under us
+            self._drop("")
+
+    def _send_all(self, data: bytes) -> bool:
+        """Write `data` without blocking forever: False once the client was dropped."""
+        view = memoryview(data)
+        while view:
+            if self.closed and not self._flushing:
+                return False
+            _, ready, _ = select.select([], [self.sock], [], 0.5)
+            if not ready:
+                since = self._paused_since
+                if since is not None and time.monotonic() - since > self.stall_s:
+                    self._drop(f"it read nothing for {self.stall_s:.0f}s")
+                    return False
+                continue
+            try:
+                n = self.sock.send(view, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            view = view[n:]
+        return True
+
+    _flushing = False
+
+    def _drop(self, why: str) -> None:
+        if why and not self.closed:
+            log.warning("dropping client %s: %s", self.name or "?", why)
+        self.close()
+
+    def close(self, flush: bool = False) -> None:
+        """Stop this client's work and close; `flush` first sends what is queued (briefly)."""
+        with self._out_cv:
             if self.closed:
                 return
             self.closed = True
+            self._flushing = flush and bool(self._out) and self._paused_since is None
+            self._out_cv.notify_all()
         self.daemon.scheduler.cancel_client(self)
         self.daemon.forget(self)
+        if self._flushing:  # e.g. the error reply to a bad hello, before the socket closes
+            deadline = time.monotonic() + 2.0
+            while self._out and time.monotonic() < deadline:
+                time.sleep(0.01)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:
@@ -330,7 +445,8 @@ class Daemon:
                 sock, _ = listener.accept()
             except OSError:
                 return
-            conn = Connection(self, sock)
+            conn = Connection(self, sock, self.opts.client_buffer_kb << 10,
+                              self.opts.client_stall_s)
             with self._conns_lock:
                 self._conns.add(conn)
             self.touch()

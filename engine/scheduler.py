@@ -1,10 +1,17 @@
-"""One compute thread for every client: priorities, supersede, preempt, cancel, prompt cache.
+"""One compute thread for every client: priorities, fairness, supersede, preempt, cancel.
 
 Each request becomes a Job whose work runs as a generator on the compute thread, one unit
-(a prefill chunk or a decode step) per `next()`. After every unit the most urgent job runs
-next, so a keystroke's completion overtakes a long explanation between decode steps, and a
-background prefill is abandoned between layers (and later resumed from its last finished
-chunk) when interactive work arrives. Finished chunks go into the prompt cache at once.
+(a prefill chunk or a decode step) per `next()`. After every unit the scheduler picks again:
+the most urgent priority first (a job that waited `age_s` competes as interactive, so nothing
+starves behind a stream of completions); within it, the client that has had the least compute
+time so far (fair queuing between clients: each unit's seconds are charged to its client, and
+a client that comes back starts level with the least-served one), and that client's oldest
+job. Prefill chunks are sized from the measured prefill speed to take about `chunk_target_s`,
+so another client's keystroke starts within one chunk of a long prompt. At most `max_active`
+jobs hold a working K/V at once (others wait for one to finish). A job whose client is not
+reading its replies (`client.writable()` false) is paused until it reads again. A background
+prefill is abandoned between layers (and later resumed from its last finished chunk) when
+more urgent work arrives. Finished chunks go into the prompt cache at once.
 """
 
 from __future__ import annotations
@@ -34,12 +41,23 @@ INTERACTIVE = 0  # priority of completions
 WARM_PRIORITY = 1000  # warming runs after everything else
 KV_ROUND = 1024  # working K/V capacity is rounded up to this (pages are touched lazily)
 MAX_SCORE_CONTINUATIONS = 16
+CHUNK_TARGET_S = 0.2  # a prefill chunk's wall time: another client's wait at most
+MIN_CHUNK = 64  # smaller chunks waste the matmuls (measured: scripts/bench_load.py, README)
+CHUNK_ROUND = 32
+AGE_S = 10.0  # a request waiting this long competes at interactive priority
+MAX_ACTIVE = 4  # jobs holding a working K/V at once
 
 
 class Client(Protocol):
-    """What the scheduler needs from a connection."""
+    """What the scheduler needs from a connection (`writable() -> bool` is optional: a
+    client whose writable() is false is not reading, and its work waits)."""
 
     def send(self, msg: P.Message) -> None: ...
+
+
+def _writable(client: Client) -> bool:
+    w = getattr(client, "writable", None)
+    return True if w is None else bool(w())
 
 
 @dataclass(eq=False)
@@ -76,11 +94,22 @@ class Scheduler:
         *,
         interactive_chunk: int = 512,
         background_chunk: int = 128,
+        chunk_target_s: float = CHUNK_TARGET_S,
+        age_s: float = AGE_S,
+        max_active: int = MAX_ACTIVE,
     ) -> None:
+        assert interactive_chunk > 0 and background_chunk > 0 and max_active > 0
         self.model = model
         self.cache = cache
-        self.interactive_chunk = interactive_chunk
+        self.interactive_chunk = interactive_chunk  # the largest chunk (a lone fast machine)
         self.background_chunk = background_chunk
+        self.chunk_target_s = chunk_target_s
+        self.age_s = age_s
+        self.max_active = max_active
+        # a prompt of more bytes than this cannot fit the context: refused before tokenizing
+        self.max_prompt_bytes = model.config.context_length * model.tokenizer.max_token_bytes()
+        self._served_s: dict[Client, float] = {}  # compute seconds per client with work
+        self._chunk_tok_s = 0.0  # measured prefill speed of a chunk (EMA)
         self._cv = threading.Condition()
         self._jobs: list[Job] = []  # queued and started, not finished
         self._seq = itertools.count()
@@ -147,6 +176,12 @@ class Scheduler:
                 if job.client is client:
                     job.cancel_code = job.cancel_code or P.E_CANCELLED
             self._jobs = [j for j in self._jobs if j.client is not client or j.started]
+            self._cv.notify_all()
+
+    def wake(self) -> None:
+        """A client reads again (its paused work may run): look at the queue now."""
+        with self._cv:
+            self._cv.notify_all()
 
     def busy(self) -> bool:
         with self._cv:
@@ -154,8 +189,11 @@ class Scheduler:
 
     def status(self) -> dict[str, Any]:
         with self._cv:
+            now = time.monotonic()
             queue = [
-                {"id": j.req_id, "kind": j.kind, "priority": j.priority, "started": j.started}
+                {"id": j.req_id, "kind": j.kind, "priority": j.priority, "started": j.started,
+                 "paused": not _writable(j.client), "client": getattr(j.client, "name", ""),
+                 "waited_s": round(now - j.arrival, 2)}
                 for j in self._jobs
             ]
         files = self.model.files
@@ -174,11 +212,20 @@ class Scheduler:
             "requests_served": self._served,
             "tokens_evaluated": self._evaluated,
             "tokens_reused": self._reused,
+            "prefill_chunk": self._chunk(INTERACTIVE),
             "queue": queue,
         }
 
     def _make_job(self, client: Client, msg: P.Generate | P.Warm | P.Score) -> Job:
         cfg = self.model.config
+        P.validate(msg)  # what came in-process (the HTTP API) is checked like a frame
+        size = len(msg.prompt.encode("utf-8"))
+        if isinstance(msg, P.Score):  # each continuation is tokenized after the prompt
+            size += max((len(c.encode("utf-8")) for c in msg.continuations), default=0)
+        if size > self.max_prompt_bytes:  # before tokenizing: that would cost ~80x its size
+            raise ValueError(
+                f"prompt is {size} bytes; the model's context of {cfg.context_length} tokens "
+                f"holds at most {self.max_prompt_bytes} bytes")
         if isinstance(msg, P.Score):
             return self._make_score_job(client, msg)
         ids = np.asarray(self.model.tokenizer.encode(msg.prompt, add_bos=True), dtype=np.int64)
@@ -187,12 +234,6 @@ class Scheduler:
         if isinstance(msg, P.Warm):
             return Job(client, msg.id, "warm", ids, WARM_PRIORITY, msg.doc, None, now, None,
                        next(self._seq))
-        if msg.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {msg.max_tokens}")
-        if msg.priority < 0:
-            raise ValueError(f"priority must be >= 0, got {msg.priority}")
-        if msg.logprobs < 0 or msg.logprobs > 20:
-            raise ValueError(f"logprobs must be in 0..20, got {msg.logprobs}")
         opts = GenerateOptions(
             max_tokens=msg.max_tokens,
             sampling=SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed),
@@ -241,18 +282,23 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._jobs and not self._stopping:
-                    self._cv.wait()
-                if self._stopping and not self._jobs:
-                    return
-                job = min(self._jobs, key=lambda j: (j.priority, j.seq))
+                while True:
+                    if self._stopping and not self._jobs:
+                        return
+                    job = self._pick()
+                    if job is not None:
+                        break
+                    # nothing runnable: no work, or every client with work is not reading
+                    self._cv.wait(timeout=0.5 if self._jobs else None)
                 job.started = True
+            t0 = time.perf_counter()
             try:
                 if job.cancelled:
                     raise Cancelled()
                 if job.runner is None:
                     job.runner = self._run(job)
                 next(job.runner)
+                self._charge(job, time.perf_counter() - t0)
                 continue
             except StopIteration:
                 pass
@@ -274,14 +320,65 @@ class Scheduler:
         with self._cv:
             if job in self._jobs:
                 self._jobs.remove(job)
+            if not any(j.client is job.client for j in self._jobs):
+                self._served_s.pop(job.client, None)  # it comes back level, with no credit
+
+    # ------------------------------------------------------------------ choosing
+
+    def _urgency(self, job: Job, now: float) -> int:
+        """The job's priority, or interactive once it has waited `age_s` (warming never ages)."""
+        if job.kind == "generate" and now - job.arrival >= self.age_s:
+            return min(job.priority, INTERACTIVE)
+        return job.priority
+
+    def _pick(self) -> Job | None:
+        """The job whose unit runs next (under the lock), or None if nothing can run."""
+        ready = [j for j in self._jobs if j.cancelled or _writable(j.client)]
+        for j in ready:
+            if j.cancelled:
+                return j  # its error reply is due at once
+        if not ready:
+            return None
+        if sum(j.started for j in self._jobs) >= self.max_active:
+            started = [j for j in ready if j.started]
+            ready = started or ready  # no new working K/V while enough are held
+        now = time.monotonic()
+        top = min(self._urgency(j, now) for j in ready)
+        ready = [j for j in ready if self._urgency(j, now) == top]
+        # fair queuing between clients: the least compute so far; newcomers start level
+        clients = list(dict.fromkeys(j.client for j in ready))
+        level = min((self._served_s[c] for c in clients if c in self._served_s), default=0.0)
+        for c in clients:
+            self._served_s.setdefault(c, level)
+        oldest = {c: min(j.seq for j in ready if j.client is c) for c in clients}
+        client = min(clients, key=lambda c: (self._served_s[c], oldest[c]))
+        return min((j for j in ready if j.client is client), key=lambda j: j.seq)
+
+    def _charge(self, job: Job, seconds: float) -> None:
+        with self._cv:
+            if job.client in self._served_s:
+                self._served_s[job.client] += seconds
 
     def _should_yield(self, job: Job) -> bool:
-        """Between layers: stop if cancelled, or if more urgent work waits (background only)."""
+        """Between layers: stop if cancelled, or if more urgent runnable work waits (background
+        only: interactive work gives way between chunks, not inside one)."""
         if job.cancelled:
             return True
         if job.priority == INTERACTIVE:
             return False
-        return any(j.priority < job.priority and not j.cancelled for j in list(self._jobs))
+        now = time.monotonic()
+        return any(self._urgency(j, now) < job.priority and not j.cancelled
+                   and _writable(j.client) for j in list(self._jobs))
+
+    def _chunk(self, priority: int) -> int:
+        """Prefill tokens per unit: background small; else what takes ~chunk_target_s here."""
+        if priority >= WARM_PRIORITY:
+            return self.background_chunk
+        if self._chunk_tok_s <= 0:
+            fit = 2 * MIN_CHUNK  # nothing measured yet
+        else:
+            fit = int(self._chunk_tok_s * self.chunk_target_s) // CHUNK_ROUND * CHUNK_ROUND
+        return max(1, min(self.interactive_chunk, max(MIN_CHUNK, fit)))
 
     def _start_kv(self, job: Job, keep: int, need: int) -> KVCache:
         """A working K/V holding as much of the prompt's prefix as the caches have."""
@@ -360,11 +457,10 @@ class Scheduler:
         self._reused += reused
 
         # prefill what the caches lacked, chunk by chunk; each finished chunk is cached
-        chunk = self.interactive_chunk if job.priority == INTERACTIVE else self.background_chunk
         logits: np.ndarray | None = None
         prefill_s = 0.0
         while kv.length < n:
-            part = job.ids[kv.length : kv.length + chunk]
+            part = job.ids[kv.length : kv.length + self._chunk(job.priority)]
             last = kv.length + len(part) >= n
             t0 = time.perf_counter()
             try:
@@ -375,7 +471,10 @@ class Scheduler:
                     raise
                 yield  # preempted by more urgent work: redo this chunk later
                 continue
-            prefill_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            prefill_s += dt
+            if len(part) >= MIN_CHUNK:
+                self._chunk_tok_s = _ema(self._chunk_tok_s, len(part) / dt)
             self._evaluated += len(part)
             self.cache.insert(kv)
             if not last:

@@ -54,6 +54,7 @@ class Tokenizer:
         self.stop_ids = frozenset(stop_ids)
         self.line_split = line_split
         self._bytes: dict[int, bytes] = {}
+        self._max_bytes = 0
 
     # ------------------------------------------------------------------ construction
 
@@ -229,6 +230,14 @@ class Tokenizer:
                 b = piece.replace("▁", " ").encode("utf-8")
             self._bytes[token_id] = b
         return b
+
+    def max_token_bytes(self) -> int:
+        """The most text bytes one token can cover: a prompt longer than the context times
+        this cannot fit, which is known before tokenizing it."""
+        if self._max_bytes == 0:
+            self._max_bytes = max(len(p.replace("▁", " ").encode("utf-8"))
+                                  for p in self.hf.get_vocab(with_added_tokens=True))
+        return self._max_bytes
 
     def id_to_piece(self, token_id: int) -> str:
         piece = self.hf.id_to_token(token_id)

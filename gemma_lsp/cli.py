@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-mb", type=int, default=512, help="prompt cache budget in MB")
     e.add_argument("--no-persist", action="store_true", help="do not load/save the cache")
     e.add_argument("--cache-file", type=Path, help="where the prompt cache is saved")
+    e.add_argument("--client-buffer-kb", type=int, default=256,
+                   help="replies queued for a client that is not reading before its work "
+                   "pauses (default 256)")
+    e.add_argument("--client-stall-s", type=float, default=30.0,
+                   help="drop a paused client that reads nothing for this long (default 30)")
     e.add_argument("--http", metavar="HOST:PORT",
                    help="also serve an OpenAI-compatible API (/v1/models, /v1/completions, "
                    "/v1/chat/completions) from this engine, e.g. 127.0.0.1:8088")
@@ -235,7 +240,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
         opts = DaemonOptions(
             socket=args.socket, idle_timeout_s=args.idle_timeout, cache_mb=args.cache_mb,
             model=args.model, threads=args.threads, persist=not args.no_persist,
-            cache_file=args.cache_file, http=http,
+            cache_file=args.cache_file, http=http, client_buffer_kb=args.client_buffer_kb,
+            client_stall_s=args.client_stall_s,
         )
         return serve(opts)
     except ValueError as e:

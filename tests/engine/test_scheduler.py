@@ -129,3 +129,68 @@ def test_errors_are_replies(model: Any, sched: Scheduler) -> None:
     _, err = client.until_end(1)
     assert isinstance(err, P.Error) and err.code == P.E_BAD_REQUEST and "temperature" in err.message
     assert sched.cancel(client, 99) is False  # nothing to cancel is not an error
+
+
+class Ordered(Collector):
+    """A client that also records, in one list shared by clients, when each request ended."""
+
+    def __init__(self, name: str, ends: list[tuple[str, int]]) -> None:
+        super().__init__()
+        self.name, self.ends = name, ends
+
+    def send(self, msg: P.Message) -> None:
+        if isinstance(msg, P.Done | P.Error):
+            self.ends.append((self.name, msg.id))
+        super().send(msg)
+
+
+def test_a_client_with_one_request_is_not_starved_by_a_busy_one(model: Any,
+                                                                 sched: Scheduler) -> None:
+    ends: list[tuple[str, int]] = []
+    busy, quiet = Ordered("busy", ends), Ordered("quiet", ends)
+    text = BASE.read_text()
+    for i in range(6):  # six windows' worth of requests from one client, all the same priority
+        sched.submit(busy, P.Generate(id=i, prompt=text[: 300 + 40 * i], max_tokens=2))
+    sched.submit(quiet, P.Generate(id=99, prompt=text[:250], max_tokens=2))
+    _, done = quiet.until_end(99)
+    assert isinstance(done, P.Done)
+    before = [e for e in ends[: ends.index(("quiet", 99))] if e[0] == "busy"]
+    assert len(before) <= 2, ends  # it took its turn, not the seventh place in line
+    for i in range(6):
+        busy.until_end(i)
+
+
+def test_a_waiting_request_ages_into_the_interactive_class(model: Any) -> None:
+    c = model.config
+    s = Scheduler(model, PromptCache(c.n_layers, c.n_kv_heads, c.head_dim, 64 << 20),
+                  age_s=0.3)
+    s.start()
+    try:
+        ends: list[tuple[str, int]] = []
+        a, b, low = Ordered("a", ends), Ordered("b", ends), Ordered("low", ends)
+        text = BASE.read_text()
+        s.submit(low, P.Generate(id=50, prompt=text[:200], max_tokens=1, priority=10))
+        for i in range(12):  # a steady stream of completions from two clients
+            for who in (a, b):
+                s.submit(who, P.Generate(id=i, prompt=text[: 220 + 10 * i], max_tokens=2))
+        _, done = low.until_end(50)
+        assert isinstance(done, P.Done)
+        assert ends.index(("low", 50)) < 20, ends  # not behind all 24 of them
+        for i in range(12):
+            a.until_end(i)
+            b.until_end(i)
+    finally:
+        s.stop()
+
+
+def test_prefill_chunks_follow_the_measured_speed(model: Any, sched: Scheduler) -> None:
+    client = Collector()
+    sched.submit(client, P.Generate(id=1, prompt=BASE.read_text(), max_tokens=1))
+    _, done = client.until_end(1)
+    assert isinstance(done, P.Done)
+    chunk = sched.status()["prefill_chunk"]
+    assert 64 <= chunk <= sched.interactive_chunk and chunk % 32 == 0
+    tok_s = sched._chunk_tok_s
+    assert tok_s > 0
+    want = min(sched.interactive_chunk, max(64, int(tok_s * sched.chunk_target_s) // 32 * 32))
+    assert chunk == want
