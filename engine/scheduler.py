@@ -364,11 +364,12 @@ class Scheduler:
         only: interactive work gives way between chunks, not inside one)."""
         if job.cancelled:
             return True
-        if job.priority == INTERACTIVE:
-            return False
         now = time.monotonic()
-        return any(self._urgency(j, now) < job.priority and not j.cancelled
-                   and _writable(j.client) for j in list(self._jobs))
+        mine = self._urgency(job, now)  # once aged, it is not preempted inside a chunk
+        if mine == INTERACTIVE:
+            return False
+        return any(self._urgency(j, now) < mine and not j.cancelled and _writable(j.client)
+                   for j in list(self._jobs))
 
     def _chunk(self, priority: int) -> int:
         """Prefill tokens per unit: background small; else what takes ~chunk_target_s here."""

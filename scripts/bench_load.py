@@ -209,7 +209,14 @@ def overtake(sock: Path, files_text: list[str], long_tokens: int, n: int) -> dic
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    run_dir = Path(tempfile.mkdtemp(prefix="gb-", dir="/tmp"))
+    # a private run dir in the clone (not a /tmp name other tools may clean up), unless its
+    # socket path would pass the AF_UNIX limit
+    parent = ROOT / ".bench-run"
+    parent.mkdir(exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="load-", dir=parent))
+    if len(str(run_dir / "engine.sock")) > 100:
+        run_dir.rmdir()
+        run_dir = Path(tempfile.mkdtemp(prefix="gemma-bench-load-"))
     sock = run_dir / "engine.sock"
     env = dict(os.environ, GEMMA_LSP_RUNTIME_DIR=str(run_dir),
                GEMMA_LSP_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
@@ -258,7 +265,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             daemon.kill()
         log.close()
-        engine_log = (run_dir / "engine.log").read_text(errors="replace")
+        logfile = run_dir / "engine.log"
+        engine_log = logfile.read_text(errors="replace") if logfile.exists() else ""
         shutil.rmtree(run_dir, ignore_errors=True)
 
     clients = [w.summary() for w in windows]
