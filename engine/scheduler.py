@@ -109,6 +109,7 @@ class Scheduler:
         # a prompt of more bytes than this cannot fit the context: refused before tokenizing
         self.max_prompt_bytes = model.config.context_length * model.tokenizer.max_token_bytes()
         self._served_s: dict[Client, float] = {}  # compute seconds per client with work
+        self._last_unit: dict[Client, float] = {}  # when each client's last unit ended
         self._chunk_tok_s = 0.0  # measured prefill speed of a chunk (EMA)
         self._cv = threading.Condition()
         self._jobs: list[Job] = []  # queued and started, not finished
@@ -322,6 +323,7 @@ class Scheduler:
                 self._jobs.remove(job)
             if not any(j.client is job.client for j in self._jobs):
                 self._served_s.pop(job.client, None)  # it comes back level, with no credit
+                self._last_unit.pop(job.client, None)
 
     # ------------------------------------------------------------------ choosing
 
@@ -345,19 +347,22 @@ class Scheduler:
         now = time.monotonic()
         top = min(self._urgency(j, now) for j in ready)
         ready = [j for j in ready if self._urgency(j, now) == top]
-        # fair queuing between clients: the least compute so far; newcomers start level
+        # fair queuing between clients: the least compute so far; newcomers start level and
+        # win the tie (least recently served first), so they start within one unit
         clients = list(dict.fromkeys(j.client for j in ready))
         level = min((self._served_s[c] for c in clients if c in self._served_s), default=0.0)
         for c in clients:
             self._served_s.setdefault(c, level)
         oldest = {c: min(j.seq for j in ready if j.client is c) for c in clients}
-        client = min(clients, key=lambda c: (self._served_s[c], oldest[c]))
+        client = min(clients, key=lambda c: (self._served_s[c], self._last_unit.get(c, 0.0),
+                                             oldest[c]))
         return min((j for j in ready if j.client is client), key=lambda j: j.seq)
 
     def _charge(self, job: Job, seconds: float) -> None:
         with self._cv:
             if job.client in self._served_s:
                 self._served_s[job.client] += seconds
+                self._last_unit[job.client] = time.monotonic()
 
     def _should_yield(self, job: Job) -> bool:
         """Between layers: stop if cancelled, or if more urgent runnable work waits (background
