@@ -465,7 +465,13 @@ class Scheduler:
         # prefill what the caches lacked, chunk by chunk; each finished chunk is cached
         logits: np.ndarray | None = None
         prefill_s = 0.0
+        evaluated = 0
         while kv.length < n:
+            # jobs interleave: another one may have cached more of this prompt meanwhile
+            if self.cache.match(job.ids).length > kv.length:
+                self.cache.copy_into(self.cache.lookup(job.ids), kv, keep)
+                if kv.length >= n:
+                    break
             part = job.ids[kv.length : kv.length + self._chunk(job.priority)]
             last = kv.length + len(part) >= n
             t0 = time.perf_counter()
@@ -482,17 +488,18 @@ class Scheduler:
             if len(part) >= MIN_CHUNK:
                 self._chunk_tok_s = _ema(self._chunk_tok_s, len(part) / dt)
             self._evaluated += len(part)
+            evaluated += len(part)
             self.cache.insert(kv)
             if not last:
                 yield
-        evaluated = n - reused
         if evaluated >= 32 and prefill_s > 0:
             self._prefill_tok_s = _ema(self._prefill_tok_s, evaluated / prefill_s)
 
         if job.opts is None:  # warm: the prompt is cached, nothing to generate
             self._served += 1
-            _send(job.client, P.Done(job.req_id, "warmed", prompt_tokens=n, reused_tokens=reused,
-                                     evaluated_tokens=evaluated, prefill_ms=prefill_s * 1000,
+            _send(job.client, P.Done(job.req_id, "warmed", prompt_tokens=n,
+                                     reused_tokens=n - evaluated, evaluated_tokens=evaluated,
+                                     prefill_ms=prefill_s * 1000,
                                      queue_ms=(t_start - job.arrival) * 1000))
             return
 
@@ -528,7 +535,7 @@ class Scheduler:
         self._served += 1
         _send(job.client, P.Done(
             job.req_id, stream.reason, "".join(stream.text), tail,
-            prompt_tokens=n, reused_tokens=reused, evaluated_tokens=evaluated,
+            prompt_tokens=n, reused_tokens=n - evaluated, evaluated_tokens=evaluated,
             queue_ms=(t_start - job.arrival) * 1000, prefill_ms=prefill_s * 1000,
             first_token_ms=first_token_ms, decode_ms=decode_s * 1000, n_tokens=len(stream.ids),
         ))
