@@ -411,7 +411,7 @@ class Scheduler:
         self._reused += reused
         compute_s = 0.0
         # the prompt in chunks like any prefill (cached as they finish), then the candidates
-        chunk = self.interactive_chunk if job.priority == INTERACTIVE else self.background_chunk
+        chunk = self._chunk(job.priority)  # sized like any prefill: others wait one chunk
         while kv.length < n - 1:
             part = job.ids[kv.length : min(kv.length + chunk, n - 1)]
             t0 = time.perf_counter()
