@@ -49,6 +49,9 @@ class CompletionOptions:
     chars_per_token: float = 3.5
     warm_after_ms: int = 600
     latency_budget_ms: int = 250  # past it answer at a line end, past twice it at once; 0 = off
+    # completion-menu items (clients without inline completion) are complete units, waited
+    # for at most this long after the request arrived (else no item)
+    menu_wait_ms: int = 2500
     disabled_languages: tuple[str, ...] = ()
     # classic `textDocument/completion` items: "auto" offers them only to clients without
     # inline completion (a client with both would show every suggestion twice)
@@ -202,6 +205,7 @@ _RULES: dict[type, dict[str, _Rule]] = {
         "chars_per_token": _float(0.5, 20.0),
         "warm_after_ms": _int(0, 3_600_000),
         "latency_budget_ms": _int(0, 600_000),
+        "menu_wait_ms": _int(0, 600_000),
         "disabled_languages": _str_list(),
         "classic": _choice(CLASSIC_MODES),
     },

@@ -9,6 +9,9 @@ one fires) and on the final text (`trim_completion`):
   more closing than opening braces (brace languages: the line that closes the block is kept);
 - length: at most ``max_lines`` lines.
 
+A completion-menu item must also be a complete unit (`complete_unit`): whole lines from the
+cursor, brackets and quotes balanced, not ending on an operator, or nothing.
+
 The completion's first line continues the cursor line (``ctx.line_prefix``); the model's line
 breaks are ``\\n``.
 """
@@ -22,6 +25,7 @@ from gemma_lsp.context import CompletionContext, indent_width
 __all__ = [
     "BRACE_LANGUAGES",
     "INDENT_LANGUAGES",
+    "complete_unit",
     "dedupe",
     "finalize",
     "is_useful",
@@ -225,3 +229,84 @@ def typed_ahead(previous_suggestion_text: str, previous_prefix: str, new_prefix:
         return None
     rest = previous_suggestion_text[len(typed) :]
     return rest if rest.strip() else None
+
+
+# --- complete units (completion-menu items) ---------------------------------------------------
+
+_CONTINUES = (",", "\\", "+", "-", "*", "/", "%", "=", "&", "|", "^", "<", ">", ".", "(", "[",
+              "{", "@", "~", "!", "?")
+_CONTINUES_WORDS = frozenset("and or not in is lambda if else return await yield from import "
+                             "as with for while def class elif".split())
+_OPEN = {"(": ")", "[": "]", "{": "}"}
+
+
+def _open_at_end(text: str, comment: str) -> list[str]:
+    """The brackets and strings still open after ``text`` (innermost last). Closing brackets
+    of something opened before ``text`` are ignored (they end an enclosing construct)."""
+    state: list[str] = []
+    for line in text.split("\n"):
+        if state and state[-1] in ("'", '"', "`"):
+            state.pop()  # a one-line string left open: that line is broken, keep it open
+            state.append("?")
+        i, n = 0, len(line)
+        while i < n:
+            c = line[i]
+            top = state[-1] if state else ""
+            if top and top[0] in "'\"`":  # inside a string
+                if c == "\\":
+                    i += 2
+                elif line.startswith(top, i):
+                    state.pop()
+                    i += len(top)
+                else:
+                    i += 1
+                continue
+            if comment and line.startswith(comment, i):
+                break
+            if c in "'\"`":
+                q = c * 3 if line.startswith(c * 3, i) else c
+                state.append(q)
+                i += len(q)
+                continue
+            if c in _OPEN:
+                state.append(c)
+            elif c in ")]}" and state and _OPEN.get(state[-1]) == c:
+                state.pop()
+            i += 1
+    return state
+
+
+def complete_unit(text: str, ctx: CompletionContext, final: bool = True) -> str | None:
+    """The longest start of ``text`` that is a complete unit for a completion menu, or None.
+
+    A unit is whole lines (the rest of the cursor line at least, so it never ends inside a
+    token) after which no bracket or string opened on the cursor line or in the completion is
+    left open (the rest of the cursor line, which stays after the item, counted), and whose
+    last line does not end on an operator, a comma or a keyword that needs more. Unless
+    ``final``, the last line of ``text`` is still being decoded and is not considered.
+    """
+    from gemma_lsp.context import comment_syntax
+
+    start, end = comment_syntax(ctx.language_id)
+    comment = "" if end else start
+    lines = text.split("\n")
+    complete = len(lines) if final else len(lines) - 1
+    best: int | None = None
+    pos = 0
+    for i in range(complete):
+        pos += len(lines[i])
+        candidate = text[:pos].rstrip()
+        whole = ctx.line_prefix + candidate + ctx.line_suffix
+        last = whole.rsplit("\n", 1)[-1]
+        if comment and comment in last:
+            last = last[: last.index(comment)]  # (a comment sign inside a string: stricter)
+        last = last.rstrip()
+        words = last.split()
+        if (candidate.strip() and last.strip() and not _open_at_end(whole, comment)
+                and not last.endswith(_CONTINUES) and words[-1] not in _CONTINUES_WORDS):
+            best = pos
+        pos += 1  # the line break
+    if best is None:
+        return None
+    unit = text[:best].rstrip()
+    return unit if is_useful(unit) else None

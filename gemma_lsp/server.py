@@ -147,6 +147,36 @@ class GemmaServer(LanguageServer):
             self.notify(f"Gemma engine: {message}", t.MessageType.Error)
 
 
+def menu_items(ls: GemmaServer, doc: Any, offset: int, position: t.Position,
+               texts: list[str]) -> t.CompletionList:
+    """Completion-menu items: plain text of kind Text (Helix expands every item of kind Snippet
+    as a snippet whatever its insertTextFormat, and re-indents its lines), inserted as is (the
+    model already indented every line), replacing the word before the cursor so that the
+    client's filtering keeps them."""
+    line_prefix = doc.text[doc.line_start(doc.line_of_offset(offset)):offset]
+    word = line_prefix[len(line_prefix.rstrip("_0123456789abcdefghijklmnopqrstuvwxyz"
+                                              "ABCDEFGHIJKLMNOPQRSTUVWXYZ")):]
+    start = doc.position_at(offset - len(word))
+    caps = ls.client_capabilities.text_document
+    item_caps = caps.completion.completion_item if caps and caps.completion else None
+    markdown = bool(item_caps and item_caps.documentation_format
+                    and t.MarkupKind.Markdown in item_caps.documentation_format)
+    items = []
+    for i, s in enumerate(texts):
+        label = (word + s).strip().splitlines()[0][:60] if (word + s).strip() else s
+        items.append(t.CompletionItem(
+            label=label, kind=t.CompletionItemKind.Text, detail="Gemma",
+            sort_text=f"0{i}", filter_text=word + s, preselect=i == 0,
+            insert_text_format=t.InsertTextFormat.PlainText,
+            insert_text_mode=t.InsertTextMode.AsIs,
+            text_edit=t.TextEdit(range=t.Range(start, position), new_text=word + s),
+            documentation=t.MarkupContent(kind=t.MarkupKind.Markdown,
+                                          value=f"```{doc.language_id}\n{word + s}\n```")
+            if markdown else word + s,
+        ))
+    return t.CompletionList(is_incomplete=True, items=items)
+
+
 def _default_backend(options: ServerOptions) -> Backend:
     e = options.engine
     if e.backend == "openai":
@@ -265,30 +295,9 @@ def create_server(backend_factory: Any = None, debug_commands: bool = False) -> 
         if doc is None or not ls.classic_completion():
             return None
         offset = doc.offset_at(params.position)
-        texts = await ls.completion.complete(doc.uri, offset)
-        # the item replaces the word before the cursor so that clients' filtering keeps it
-        line_prefix = doc.text[doc.line_start(doc.line_of_offset(offset)):offset]
-        word = line_prefix[len(line_prefix.rstrip("_0123456789abcdefghijklmnopqrstuvwxyz"
-                                                  "ABCDEFGHIJKLMNOPQRSTUVWXYZ")):]
-        start = doc.position_at(offset - len(word))
-        caps = ls.client_capabilities.text_document
-        item_caps = caps.completion.completion_item if caps and caps.completion else None
-        markdown = bool(item_caps and item_caps.documentation_format
-                        and t.MarkupKind.Markdown in item_caps.documentation_format)
-        items = []
-        for i, s in enumerate(texts):
-            label = (word + s).strip().splitlines()[0][:60] if (word + s).strip() else s
-            items.append(t.CompletionItem(
-                label=label, kind=t.CompletionItemKind.Snippet, detail="Gemma",
-                sort_text=f"0{i}", filter_text=word + s, preselect=i == 0,
-                insert_text_format=t.InsertTextFormat.PlainText,
-                insert_text_mode=t.InsertTextMode.AsIs,  # the model already indented it
-                text_edit=t.TextEdit(range=t.Range(start, params.position), new_text=word + s),
-                documentation=t.MarkupContent(kind=t.MarkupKind.Markdown,
-                                              value=f"```{doc.language_id}\n{word + s}\n```")
-                if markdown else word + s,
-            ))
-        return t.CompletionList(is_incomplete=True, items=items)
+        # a menu item is accepted once, never re-asked like ghost text: complete units only
+        texts = await ls.completion.complete(doc.uri, offset, unit=True)
+        return menu_items(ls, doc, offset, params.position, texts)
 
     @server.feature(
         t.TEXT_DOCUMENT_CODE_ACTION,
