@@ -1,10 +1,15 @@
-"""Code actions: Explain, Refactor, Add docstring, Fix with Gemma. Listing is instant; the model
-runs in `codeAction/resolve` (or the matching command) and edits are minimal and versioned.
+"""Code actions: Explain, Refactor, Add docstring, Fix with Gemma. Listing is instant and every
+action carries the command that runs it (Helix 25.01 runs the command of the action it listed,
+not of the resolved one); the model runs in that command, which answers at once and delivers
+its edit with `workspace/applyEdit` (see commands.py). Only a client that cannot apply edits
+sent by the server gets lazy actions whose edit `codeAction/resolve` computes. Edits are
+minimal and versioned.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +21,15 @@ from gemma_lsp.config import ServerOptions
 from gemma_lsp.context import CompletionContext, build_context
 from gemma_lsp.documents import Document, DocumentStore, convert_eol, split_lines
 from gemma_lsp.prompts import (
+    Example,
     InstructionTemplates,
+    copies_example,
     docstring_insertion,
     docstring_prompt,
     explain_prompt,
     extract_code_block,
     fix_prompt,
+    pick_examples,
     refactor_prompt,
 )
 
@@ -32,6 +40,9 @@ KINDS = {
     "fix": ("Fix with Gemma", t.CodeActionKind.QuickFix),
 }
 ACTION_PRIORITY = 10  # below completions in the engine's queue
+COPIED = "Gemma answered about an example of its prompt, not about this code"
+NOT_A_FIX = "Gemma's answer does not look like the selected code fixed"
+MIN_FIX_SIMILARITY = 0.4  # difflib ratio between the selection and its fixed version
 NO_CHANGE = "Gemma suggested no change"  # a rewrite equal to the selection (clients may match it)
 
 
@@ -74,10 +85,13 @@ ACTION_COMMANDS = {"explain": "gemma.explain", "refactor": "gemma.refactor",
 
 def _action(title: str, kind: str, data: dict[str, Any], lazy: bool,
             diagnostics: list[t.Diagnostic] | None = None) -> t.CodeAction:
+    """A lazy action (data only: `codeAction/resolve` computes its edit), or one that carries
+    its command (and the same data, so that resolving it is harmless and instant)."""
     if lazy:
         return t.CodeAction(title=title, kind=kind, diagnostics=diagnostics, data=data)
     command = t.Command(title, ACTION_COMMANDS[data["kind"]], arguments=[data])
-    return t.CodeAction(title=title, kind=kind, diagnostics=diagnostics, command=command)
+    return t.CodeAction(title=title, kind=kind, diagnostics=diagnostics, command=command,
+                        data=data)
 
 
 def select_lines(doc: Document, rng: t.Range) -> Selection:
@@ -105,9 +119,10 @@ class ActionService:
 
     # ------------------------------------------------------------------ listing
 
-    def offer(self, params: t.CodeActionParams, lazy: bool = True) -> list[t.CodeAction]:
-        """The actions for a range. `lazy`: the client resolves edits (`codeAction/resolve`);
-        otherwise each action carries a command that computes and applies its edit."""
+    def offer(self, params: t.CodeActionParams, lazy: bool = False) -> list[t.CodeAction]:
+        """The actions for a range. Each carries a command that computes and applies its
+        edit; `lazy` (a client that resolves edits but cannot apply a server's edit): data
+        only, the edit comes from `codeAction/resolve`."""
         doc = self.store.get(params.text_document.uri)
         if doc is None or doc.skipped or not self.options().actions.enabled:
             return []
@@ -135,6 +150,8 @@ class ActionService:
         data = action.data
         if not isinstance(data, dict) or data.get("kind") not in KINDS:
             return action  # not ours, or nothing to compute (Neovim resolves every action)
+        if action.command is not None:
+            return action  # its command does the work (and answers at once): nothing to wait for
         uri = str(data.get("uri", ""))
         rng = range_from_json(data.get("range"))
         if data["kind"] == "explain":
@@ -178,12 +195,14 @@ class ActionService:
             edit = minimal_edit(doc, sel.start, sel.end, code)
             assert edit is not None
             return self._versioned(uri, doc, edit)
-        prompt, stop = self.prompt(kind, sel, instruction, diagnostics or [])
-        answer = await self.generate(prompt, stop, on_text, scope)
+        answer = await self.answer(kind, sel, instruction, diagnostics or [], on_text, scope)
         doc = self._doc(uri, sel.doc.version)  # refuse if the user edited meanwhile
         code = convert_eol(reindent(extract_code_block(answer), sel.text), sel.eol)
         if not code.strip():
             raise ActionError("Gemma returned no code for this selection")
+        if kind == "fix" and difflib.SequenceMatcher(
+                None, code.strip(), sel.text.strip()).ratio() < MIN_FIX_SIMILARITY:
+            raise ActionError(NOT_A_FIX)
         if sel.text.endswith(("\n", "\r")) and not code.endswith(("\n", "\r")):
             code += sel.eol
         edit = minimal_edit(doc, sel.start, sel.end, code)
@@ -209,23 +228,40 @@ class ActionService:
                       scope: CancelScope | None = None) -> str:
         doc = self._doc(uri, None)
         sel = select_lines(doc, rng)
-        prompt, stop = self.prompt("explain", sel, "", [])
-        return (await self.generate(prompt, stop, on_text, scope)).strip()
+        return (await self.answer("explain", sel, "", [], on_text, scope)).strip()
 
-    def prompt(self, kind: str, sel: Selection, instruction: str,
-               diagnostics: list[str]) -> tuple[str, list[str]]:
+    async def answer(self, kind: str, sel: Selection, instruction: str, diagnostics: list[str],
+                     on_text: Callable[[str], None] | None, scope: CancelScope | None,
+                     tries: int = 2) -> str:
+        """The model's answer for `kind`. A base model's answer that copies an example of the
+        few-shot prompt is asked again with other examples, then refused."""
+        for attempt in range(tries):
+            prompt, stop, examples = self.prompt(kind, sel, instruction, diagnostics, attempt)
+            text = await self.generate(prompt, stop, on_text, scope)
+            own = sel.doc.text[max(0, sel.start - 4000): sel.end + 4000]
+            if not examples or copies_example(text, examples, own) is None:
+                return text
+        raise ActionError(COPIED)
+
+    def prompt(self, kind: str, sel: Selection, instruction: str, diagnostics: list[str],
+               attempt: int = 0) -> tuple[str, list[str], list[Example]]:
+        """The prompt, its stop strings and the examples it shows (none for chat models)."""
         opts = self.options()
         templates = InstructionTemplates().with_overrides(opts.templates)
         ctx = self.context(sel)
         chat = is_chat_model(opts.engine.model_name or self.backend().model_name)
         lang = sel.doc.language_id or "text"
+        shows = not chat and "{examples}" in getattr(templates, f"{kind}_fewshot")
+        examples = pick_examples(kind, lang, sel.text, skip=attempt) if shows else []
         if kind == "explain":
-            return explain_prompt(ctx, sel.text, lang, chat, templates)
-        if kind == "refactor":
-            return refactor_prompt(ctx, sel.text, lang, chat, instruction, templates)
-        if kind == "docstring":
-            return docstring_prompt(ctx, sel.text, lang, chat, templates)
-        return fix_prompt(ctx, sel.text, lang, chat, diagnostics, templates)
+            p = explain_prompt(ctx, sel.text, lang, chat, templates, examples)
+        elif kind == "refactor":
+            p = refactor_prompt(ctx, sel.text, lang, chat, instruction, templates, examples)
+        elif kind == "docstring":
+            p = docstring_prompt(ctx, sel.text, lang, chat, templates, examples)
+        else:
+            p = fix_prompt(ctx, sel.text, lang, chat, diagnostics, templates, examples)
+        return p[0], p[1], examples
 
     async def generate(self, prompt: str, stop: list[str],
                        on_text: Callable[[str], None] | None,

@@ -242,6 +242,10 @@ class _EngineStream:
             self._ended = True
             if getattr(e, "code", "") in ("cancelled", "superseded"):
                 return None
+            try:  # e.g. no reply in time: the engine must not go on with work nobody reads
+                self._handle.cancel()
+            except Exception:  # noqa: BLE001 - the engine may be gone already
+                pass
             raise BackendError(str(e)) from e
         if isinstance(msg, Token):
             return str(msg.text)

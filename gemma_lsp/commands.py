@@ -1,8 +1,19 @@
 """workspace/executeCommand handlers and `$/progress` streaming for long work.
 
-gemma.explain / gemma.refactor / gemma.docstring run through the ActionService and report the
-text so far as work-done progress (cancellable from the client); gemma.cancel stops every
-running request; gemma.status and gemma.restartEngine talk to the backend.
+gemma.explain / gemma.refactor / gemma.docstring / gemma.fix run through the ActionService and
+report the text so far as work-done progress (cancellable from the client); gemma.cancel stops
+every running request; gemma.status and gemma.restartEngine talk to the backend.
+
+Long work never holds a request open unless the client asks it to. Without a client
+`workDoneToken` the command checks its arguments, answers at once (``{"started": ...,
+"token": ...}``) and the work goes on: progress on a token the server creates (when the client
+shows progress), then the result through the channel the client has: the edit with
+`workspace/applyEdit`, an explanation with `window/showMessage` (short) or
+`window/showDocument` (long, when supported); failures as a warning message. Cancelling the
+progress (`window/workDoneProgress/cancel`) or `gemma.cancel` stops it. A client that passes
+its own `workDoneToken` (our VS Code and Neovim plugins for Explain) shows that progress and
+waits for the answer: the text, or ``{"applied", "edit"}``. So does a client that cannot apply
+a server's edit, for edits.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +63,13 @@ class Progress:
         self.reports = 0
 
     @classmethod
-    async def start(cls, ls: LanguageServer, title: str,
-                    token: t.ProgressToken | None) -> Progress:
+    async def start(cls, ls: LanguageServer, title: str, token: t.ProgressToken | None,
+                    create: bool = False) -> Progress:
+        """Begin progress on the client's `token`; without one (or with `create`: a token the
+        server chose) create it first, when the client shows progress at all."""
         caps = ls.client_capabilities.window
-        if token is None and caps is not None and caps.work_done_progress:
-            token = f"gemma-{uuid.uuid4().hex[:12]}"
+        if (token is None or create) and caps is not None and caps.work_done_progress:
+            token = token or new_token()
             try:
                 await ls.work_done_progress.create_async(token)
             except Exception:  # noqa: BLE001 - a client that refuses gets no progress
@@ -91,6 +105,30 @@ class Progress:
         self.ls.work_done_progress.end(self.token, t.WorkDoneProgressEnd(message=message))
 
 
+def new_token() -> str:
+    return f"gemma-{uuid.uuid4().hex[:12]}"
+
+
+TITLES = {"gemma.explain": "Gemma: explaining", "gemma.refactor": "Gemma: refactoring",
+          "gemma.docstring": "Gemma: writing a docstring", "gemma.fix": "Gemma: fixing"}
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One long command, its arguments checked."""
+
+    name: str
+    uri: str
+    rng: t.Range
+    extra: str
+    diagnostics: list[str]
+    version: int | None
+
+    @property
+    def title(self) -> str:
+        return TITLES[self.name]
+
+
 class CommandService:
     def __init__(self, ls: LanguageServer, actions: ActionService,
                  backend: Callable[[], Backend], notify: Callable[[str, t.MessageType], None]
@@ -100,6 +138,7 @@ class CommandService:
         self.backend = backend
         self.notify = notify
         self.running: dict[str, CancelScope] = {}  # progress token (or an id) -> its work
+        self._tasks: set[asyncio.Task[Any]] = set()  # work answered already, still running
 
     async def execute(self, params: t.ExecuteCommandParams) -> Any:
         name = params.command
@@ -112,42 +151,83 @@ class CommandService:
             await asyncio.to_thread(self.backend().restart)
             self.notify("Gemma engine restarted", t.MessageType.Info)
             return {"restarted": True}
-        title = {"gemma.explain": "Gemma: explaining", "gemma.refactor": "Gemma: refactoring",
-                 "gemma.docstring": "Gemma: writing a docstring",
-                 "gemma.fix": "Gemma: fixing"}.get(name)
-        if title is None:
+        if name not in TITLES:
             raise ActionError(f"unknown command {name!r}")
+        job = self._job(name, args)
+        edits = name != "gemma.explain"
+        if params.work_done_token is not None or (edits and not self._applies_edits()):
+            return await self._run(job, params.work_done_token, create=False, answered=False)
+        caps = self.ls.client_capabilities.window
+        token = new_token() if caps is not None and caps.work_done_progress else None
+        key = token or uuid.uuid4().hex
+        self.running[key] = CancelScope()  # gemma.cancel reaches it from now on
+        task = asyncio.get_running_loop().create_task(
+            self._run(job, token, create=True, answered=True, key=key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return {"started": name, "token": token}
+
+    def _job(self, name: str, args: list[Any]) -> _Job:
+        """The command's arguments, checked now: a bad or stale request is refused in its
+        answer, not later."""
         uri, rng, extra = _location_args(args)
-        diagnostics = _diagnostics_arg(args)
         # a code action's data pins the document version it was offered for
         version = args[0].get("version") if len(args) == 1 and isinstance(args[0], dict) else None
-        progress = await Progress.start(self.ls, title, params.work_done_token)
-        scope = CancelScope()
-        key = str(progress.token) if progress.token is not None else uuid.uuid4().hex
-        self.running[key] = scope
+        self.actions._doc(uri, version)
+        return _Job(name, uri, rng, extra, _diagnostics_arg(args), version)
+
+    def _applies_edits(self) -> bool:
+        ws = self.ls.client_capabilities.workspace
+        return bool(ws and ws.apply_edit)
+
+    async def _run(self, job: _Job, token: t.ProgressToken | None, *, create: bool,
+                   answered: bool, key: str | None = None) -> Any:
+        """Do the work of `job`, reporting progress on `token`. `answered`: the request was
+        answered already, so the result and any failure go to the user as messages."""
+        scope = self.running.get(key) if key else None
+        progress = await Progress.start(self.ls, job.title, token, create=create)
+        if scope is None:
+            scope = CancelScope()
+            key = str(progress.token) if progress.token is not None else uuid.uuid4().hex
+            self.running[key] = scope
+        elif progress.token is not None and str(progress.token) != key:
+            self.running[str(progress.token)] = scope
         try:
-            if name == "gemma.explain":
-                text = await self.actions.explain(uri, rng, on_text=progress.text, scope=scope)
+            if scope.cancelled:
+                raise ActionError("cancelled")
+            if job.name == "gemma.explain":
+                text = await self.actions.explain(job.uri, job.rng, on_text=progress.text,
+                                                  scope=scope)
                 progress.end("done")
-                self._show_explanation(text)
+                if answered:  # else the client asked for the text as the answer
+                    self._show_explanation(text)
                 return text
-            kind = name.removeprefix("gemma.")
-            edit = await self.actions.edit(kind, uri, rng, version=version, instruction=extra,
-                                           diagnostics=diagnostics, on_text=progress.text,
-                                           scope=scope)
+            kind = job.name.removeprefix("gemma.")
+            edit = await self.actions.edit(kind, job.uri, job.rng, version=job.version,
+                                           instruction=job.extra, diagnostics=job.diagnostics,
+                                           on_text=progress.text, scope=scope)
             progress.end("done")
+            if not self._applies_edits():
+                return {"applied": False, "edit": edit}
             result = await self.ls.workspace_apply_edit_async(
-                t.ApplyWorkspaceEditParams(edit=edit, label=title))
+                t.ApplyWorkspaceEditParams(edit=edit, label=job.title))
+            if answered and not result.applied:
+                self.notify(f"{job.title}: the editor did not apply the edit"
+                            + (f" ({result.failure_reason})" if result.failure_reason else ""),
+                            t.MessageType.Warning)
             return {"applied": bool(result.applied), "edit": edit}
         except asyncio.CancelledError:
             progress.end("cancelled")
             raise
         except ActionError as e:
             progress.end(str(e))
-            self.notify(str(e), t.MessageType.Warning)
+            self.notify(f"{job.title}: {e}" if answered else str(e), t.MessageType.Warning)
+            if answered:
+                return None
             raise
         finally:
-            self.running.pop(key, None)
+            for k in [k for k, v in self.running.items() if v is scope]:
+                del self.running[k]
 
     def cancel_progress(self, token: t.ProgressToken) -> None:
         scope = self.running.get(str(token))
@@ -155,7 +235,7 @@ class CommandService:
             scope.cancel()
 
     def cancel_all(self) -> int:
-        scopes = list(self.running.values())
+        scopes = {id(s): s for s in self.running.values()}.values()
         for scope in scopes:
             scope.cancel()
         return len(scopes)

@@ -107,6 +107,8 @@ class CompletionService:
         self._inflight: dict[str, _Inflight] = {}
         self._warm_tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # uri -> (text before the cursor, task) of a suggestion still decoding after its answer
+        self._continuing: dict[str, tuple[str, asyncio.Task[Any]]] = {}
         self.last_latency_ms = 0.0
 
     def template(self) -> object:
@@ -188,6 +190,21 @@ class CompletionService:
                 self._shown[uri] = _Shown(before, rest, units)
                 return _Result(rest, units)
 
+        # decoding for this text goes on in the background (a menu's wait ran out): wait for it
+        # rather than start over (a new request would supersede it in the engine)
+        going = self._continuing.get(uri)
+        if going is not None and not going[1].done() and before.startswith(going[0]):
+            left = t_start + opts.menu_wait_ms / 1000 - time.perf_counter()
+            await asyncio.wait({going[1]}, timeout=max(0.0, left))
+            shown = self._shown.get(uri)
+            if shown is not None:
+                rest = [r for t in shown.texts if (r := typed_ahead(t, shown.prefix, before))]
+                units = [r for t in shown.units if (r := typed_ahead(t, shown.prefix, before))]
+                if rest:
+                    return _Result(rest, units)
+            if not going[1].done():
+                return _Result([], [])  # still decoding: the next ask gets it
+
         # debounce: only the newest request for a document goes to the model
         await asyncio.sleep(opts.debounce_ms / 1000)
         if self._generation.get(uri) != gen:
@@ -257,8 +274,9 @@ class CompletionService:
                     await asyncio.wait({nxt}, timeout=max(0.0, hard - time.perf_counter()))
                     if not nxt.done():  # the menu's wait is over: answer, decode on
                         log.info("completion %s: menu wait over (%d ms)", uri, opts.menu_wait_ms)
-                        self._spawn(self._finish_later(uri, ctx, before, pieces, text, stream,
-                                                       nxt))
+                        task = self._spawn(self._finish_later(uri, ctx, before, pieces, text,
+                                                              stream, nxt))
+                        self._continuing[uri] = (before, task)
                         pieces = None
                         break
                 piece = await nxt
@@ -279,7 +297,9 @@ class CompletionService:
                         break  # a unit in hand, the budget spent: answer with it
                     continue
                 if text.endswith("\n") or waited > 2 * budget:
-                    self._spawn(self._finish_later(uri, ctx, before, pieces, text, stream))
+                    task = self._spawn(self._finish_later(uri, ctx, before, pieces, text,
+                                                          stream))
+                    self._continuing[uri] = (before, task)
                     pieces = None  # the background task owns (and closes) the stream now
                     closed = text.endswith("\n")
                     break
@@ -332,11 +352,12 @@ class CompletionService:
         if rest:
             self._shown[uri] = _Shown(shown.prefix, rest, units)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run `coro` in the background (kept referenced until it ends)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # ------------------------------------------------------------------ warming
 
@@ -387,6 +408,7 @@ class CompletionService:
 
     def forget(self, uri: str) -> None:
         self._shown.pop(uri, None)
+        self._continuing.pop(uri, None)
         flight = self._inflight.pop(uri, None)
         if flight is not None and flight.task is not None:
             flight.task.cancel()

@@ -20,17 +20,22 @@ from gemma_lsp.documents import split_lines
 
 __all__ = [
     "DEFAULT_FIM_TEMPLATE",
+    "EXAMPLES",
     "FIM_TEMPLATES",
+    "Example",
     "FimTemplate",
     "InstructionTemplates",
     "completion_prompt",
+    "copies_example",
     "custom_fim_template",
     "docstring_prompt",
     "explain_prompt",
     "extract_code_block",
     "fix_prompt",
     "is_valid_fim_override",
+    "pick_examples",
     "refactor_prompt",
+    "render_examples",
     "render_template",
     "template_for_model",
 ]
@@ -223,38 +228,149 @@ def completion_prompt(
 _CHAT = "<start_of_turn>user\n{system}\n\n{text}<end_of_turn>\n<start_of_turn>model\n"
 _CHAT_STOP = ["<end_of_turn>", "<start_of_turn>", "<eos>"]
 
-_FEWSHOT_EXPLAIN = """### Code
-```python
-def area(r):
-    return 3.14159 * r * r
-```
-### Explanation
-Returns the area of a circle of radius `r`, using 3.14159 as an approximation of pi.
+# Few-shot prompts for base models: worked examples, then the user's code last. The examples
+# are picked per request from a pool, in other languages than the user's and sharing as few
+# names with the selection as possible, so that a small model has nothing of theirs to copy
+# into an answer about the user's code (`copies_example` checks that it did not).
 
-### Code
+
+@dataclass(frozen=True)
+class Example:
+    """One worked example: `code`, and what the answer to it is."""
+
+    language: str
+    code: str
+    answer: str  # the explanation, or the fixed / refactored code
+    problems: tuple[str, ...] = ()  # fix: the diagnostics
+    instruction: str = ""  # refactor
+
+
+EXAMPLES: dict[str, tuple[Example, ...]] = {
+    "explain": (
+        Example("go", "func countWords(s string) map[string]int {\n\tcounts := map[string]int{}\n"
+                "\tfor _, w := range strings.Fields(s) {\n\t\tcounts[w]++\n\t}\n"
+                "\treturn counts\n}",
+                "Splits `s` at whitespace and counts how often each word occurs; returns the "
+                "map from word to count."),
+        Example("javascript", "function debounce(fn, ms) {\n  let timer;\n  return (...args) => {\n"
+                "    clearTimeout(timer);\n    timer = setTimeout(() => fn(...args), ms);\n"
+                "  };\n}",
+                "Wraps `fn` so that it runs only after calls have stopped for `ms` "
+                "milliseconds; each new call restarts the timer."),
+        Example("python", "def parse_pairs(line):\n"
+                "    return dict(item.split(\"=\", 1) for item in line.split(\";\") if item)",
+                "Turns a line such as `a=1;b=2` into a dict: splits it at `;`, skips empty "
+                "items and splits each item at its first `=` into key and value."),
+    ),
+    "fix": (
+        Example("go", "func maxOf(xs []int) int {\n\tm := xs[0]\n\tfor _, x := range xs {\n"
+                "\t\tif x > m {\n\t\t\tm = y\n\t\t}\n\t}\n\treturn m\n}",
+                "func maxOf(xs []int) int {\n\tm := xs[0]\n\tfor _, x := range xs {\n"
+                "\t\tif x > m {\n\t\t\tm = x\n\t\t}\n\t}\n\treturn m\n}",
+                problems=("undefined: y",)),
+        Example("javascript", "function greet(user) {\n  console.log(\"Hello, \" + usr.name);\n}",
+                "function greet(user) {\n  console.log(\"Hello, \" + user.name);\n}",
+                problems=("'usr' is not defined",)),
+        Example("python", "def celsius(fahrenheit):\n    return (farenheit - 32) * 5 / 9",
+                "def celsius(fahrenheit):\n    return (fahrenheit - 32) * 5 / 9",
+                problems=("undefined name 'farenheit'",)),
+    ),
+    "refactor": (
+        Example("go", "func isEven(n int) bool {\n\tif n%2 == 0 {\n\t\treturn true\n\t}\n"
+                "\treturn false\n}",
+                "func isEven(n int) bool {\n\treturn n%2 == 0\n}",
+                instruction="Make it simpler."),
+        Example("javascript", "function names(people) {\n  const out = [];\n"
+                "  for (const p of people) {\n    out.push(p.name);\n  }\n  return out;\n}",
+                "function names(people) {\n  return people.map((p) => p.name);\n}",
+                instruction="Make it simpler."),
+        Example("python", "def squares(n):\n    result = []\n    for i in range(n):\n"
+                "        result.append(i * i)\n    return result",
+                "def squares(n):\n    return [i * i for i in range(n)]",
+                instruction="Make it simpler."),
+    ),
+    "docstring": (
+        Example("go", "func clampInt(v, lo, hi int) int {\n\treturn max(lo, min(v, hi))\n}",
+                "// clampInt returns v limited to the range [lo, hi].\n"
+                "func clampInt(v, lo, hi int) int {\n\treturn max(lo, min(v, hi))\n}"),
+        Example("javascript", "function sleep(ms) {\n"
+                "  return new Promise((resolve) => setTimeout(resolve, ms));\n}",
+                "/** A promise that resolves after `ms` milliseconds. */\nfunction sleep(ms) {\n"
+                "  return new Promise((resolve) => setTimeout(resolve, ms));\n}"),
+        Example("python", "def initials(full_name):\n"
+                "    return \"\".join(w[0].upper() for w in full_name.split())",
+                "def initials(full_name):\n    \"\"\"The upper-case first letters of the words "
+                "of full_name.\"\"\"\n"
+                "    return \"\".join(w[0].upper() for w in full_name.split())"),
+    ),
+}
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# words too common to tell an answer about the user's code from one about an example
+_COMMON = frozenset(
+    "the and for that this with from into each when then than returns return value values "
+    "function method code which what given list string number first last after before only "
+    "calls call runs item items splits split turns such like".split())
+
+
+def _names(text: str) -> set[str]:
+    return {w.lower() for w in _WORD.findall(text) if len(w) >= 3}
+
+
+def pick_examples(kind: str, language: str, selection: str, n: int = 2,
+                  skip: int = 0) -> list[Example]:
+    """`n` examples for `kind`: other languages first, then fewest names shared with the
+    selection; `skip` rotates to the next ones (a second try after a copied answer)."""
+    pool = sorted(EXAMPLES[kind], key=lambda e: (e.language == language,
+                                                 len(_names(e.code) & _names(selection))))
+    start = (skip * n) % len(pool)
+    return (pool[start:] + pool[:start])[:n]
+
+
+def copies_example(answer: str, examples: Sequence[Example], own: str) -> Example | None:
+    """The example `answer` copies, or None: it uses two or more of the example's own words
+    (names in its code, words of its answer) that `own` (the user's code and its file) does
+    not have, or repeats a line of the example's answer."""
+    mine = _names(own)
+    said = _names(answer)
+    for ex in examples:
+        theirs = (_names(ex.code) | _names(ex.answer)) - mine - _COMMON
+        if len(said & theirs) >= 2:
+            return ex
+        lines = {ln.strip() for ln in ex.answer.splitlines() if len(ln.strip()) >= 16}
+        if any(ln.strip() in lines and ln.strip() not in own for ln in answer.splitlines()):
+            return ex
+    return None
+
+
+def render_examples(kind: str, examples: Sequence[Example]) -> str:
+    """The examples in the few-shot form of `kind` (each ends with a blank line)."""
+    out = []
+    for ex in examples:
+        code = f"### Code\n```{ex.language}\n{ex.code}\n```\n"
+        if kind == "explain":
+            out.append(f"{code}### Explanation\n{ex.answer}\n\n")
+        elif kind == "fix":
+            problems = "\n".join(f"- {p}" for p in ex.problems)
+            out.append(f"{code}### Problems\n{problems}\n### Fixed code\n"
+                       f"```{ex.language}\n{ex.answer}\n```\n\n")
+        elif kind == "refactor":
+            out.append(f"{code}### Instruction\n{ex.instruction}\n### Refactored code\n"
+                       f"```{ex.language}\n{ex.answer}\n```\n\n")
+        else:
+            out.append(f"{code}### Code with documentation\n```{ex.language}\n{ex.answer}\n"
+                       f"```\n\n")
+    return "".join(out)
+
+
+_FEWSHOT_EXPLAIN = """{examples}### Code
 ```{language}
 {selection}
 ```
 ### Explanation
 """
 
-_FEWSHOT_REFACTOR = """### Code
-```python
-def total(xs):
-    t = 0
-    for i in range(len(xs)):
-        t = t + xs[i]
-    return t
-```
-### Instruction
-Make it simpler.
-### Refactored code
-```python
-def total(xs):
-    return sum(xs)
-```
-
-### Code
+_FEWSHOT_REFACTOR = """{examples}### Code
 ```{language}
 {selection}
 ```
@@ -264,40 +380,15 @@ def total(xs):
 ```{language}
 """
 
-_FEWSHOT_DOCSTRING = '''### Code
-```python
-def clamp(x, lo, hi):
-    return max(lo, min(x, hi))
-```
-### Code with documentation
-```python
-def clamp(x, lo, hi):
-    """Return x limited to the range [lo, hi]."""
-    return max(lo, min(x, hi))
-```
-
-### Code
+_FEWSHOT_DOCSTRING = """{examples}### Code
 ```{language}
 {selection}
 ```
 ### Code with documentation
 ```{language}
-'''
+"""
 
-_FEWSHOT_FIX = """### Code
-```python
-def mean(xs):
-    return sum(xs) / len(x)
-```
-### Problems
-- undefined name 'x'
-### Fixed code
-```python
-def mean(xs):
-    return sum(xs) / len(xs)
-```
-
-### Code
+_FEWSHOT_FIX = """{examples}### Code
 ```{language}
 {selection}
 ```
@@ -338,6 +429,7 @@ class InstructionTemplates:
         "```{language}\n{selection}\n```"
     )
     # few-shot form for base models: file context (raw), a blank line, then the examples
+    # (`{examples}`, chosen per request by `pick_examples`) and the user's code last
     fewshot_context: str = "{context}\n\n"
     explain_fewshot: str = _FEWSHOT_EXPLAIN
     refactor_fewshot: str = _FEWSHOT_REFACTOR
@@ -372,6 +464,7 @@ def _build(
     chat: bool,
     templates: InstructionTemplates | None,
     extra: Mapping[str, str],
+    examples: Sequence[Example] | None = None,
 ) -> tuple[str, list[str]]:
     t = templates or InstructionTemplates()
     context = _file_context(ctx, selection)
@@ -389,6 +482,9 @@ def _build(
         prompt = render_template(t.chat, {"system": t.system, "text": text})
         return prompt, list(_CHAT_STOP)
     head = render_template(t.fewshot_context, {"context": context}) if context else ""
+    if examples is None:
+        examples = pick_examples(kind, language, selection)
+    values["examples"] = render_examples(kind, examples)
     prompt = head + render_template(getattr(t, f"{kind}_fewshot"), values)
     stop = ["\n### ", "<eos>"] if kind == "explain" else ["```", "<eos>"]
     return prompt, stop
@@ -400,9 +496,10 @@ def explain_prompt(
     language: str,
     chat: bool,
     templates: InstructionTemplates | None = None,
+    examples: Sequence[Example] | None = None,
 ) -> tuple[str, list[str]]:
     """Ask for an explanation of ``selection`` (text answer)."""
-    return _build("explain", ctx, selection, language, chat, templates, {})
+    return _build("explain", ctx, selection, language, chat, templates, {}, examples)
 
 
 def refactor_prompt(
@@ -412,11 +509,12 @@ def refactor_prompt(
     chat: bool,
     instruction: str,
     templates: InstructionTemplates | None = None,
+    examples: Sequence[Example] | None = None,
 ) -> tuple[str, list[str]]:
     """Ask for ``selection`` rewritten per ``instruction`` (answer: code, see
     `extract_code_block`)."""
     extra = {"instruction": instruction.strip() or "Improve it."}
-    return _build("refactor", ctx, selection, language, chat, templates, extra)
+    return _build("refactor", ctx, selection, language, chat, templates, extra, examples)
 
 
 def docstring_prompt(
@@ -425,9 +523,10 @@ def docstring_prompt(
     language: str,
     chat: bool,
     templates: InstructionTemplates | None = None,
+    examples: Sequence[Example] | None = None,
 ) -> tuple[str, list[str]]:
     """Ask for ``selection`` with documentation comments added (answer: code)."""
-    return _build("docstring", ctx, selection, language, chat, templates, {})
+    return _build("docstring", ctx, selection, language, chat, templates, {}, examples)
 
 
 def fix_prompt(
@@ -437,11 +536,12 @@ def fix_prompt(
     chat: bool,
     diagnostics: Sequence[str],
     templates: InstructionTemplates | None = None,
+    examples: Sequence[Example] | None = None,
 ) -> tuple[str, list[str]]:
     """Ask for ``selection`` fixed for the given diagnostic messages (answer: code)."""
     items = [d.strip() for d in diagnostics if d.strip()] or ["(no messages)"]
     extra = {"diagnostics": "\n".join(f"- {m}" for m in items)}
-    return _build("fix", ctx, selection, language, chat, templates, extra)
+    return _build("fix", ctx, selection, language, chat, templates, extra, examples)
 
 
 _FENCE_OPEN = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n`]*\n", re.MULTILINE)

@@ -133,11 +133,17 @@ class GemmaServer(LanguageServer):
 
     def resolves_edits(self) -> bool:
         """Whether the client fills in a code action's edit through `codeAction/resolve`
-        (VS Code, Neovim); older clients (eglot 1.9) get actions that run a command."""
+        (VS Code, Neovim, Helix, eglot 1.17; not eglot 1.9)."""
         caps = self.client_capabilities.text_document
         action = caps.code_action if caps else None
         support = action.resolve_support if action else None
         return bool(support and "edit" in support.properties)
+
+    def applies_edits(self) -> bool:
+        """Whether the client applies edits the server sends (`workspace/applyEdit`): then long
+        work answers its request at once and delivers the edit later (commands.py)."""
+        ws = self.client_capabilities.workspace
+        return bool(ws and ws.apply_edit)
 
     def engine_error(self, message: str) -> None:
         """Tell the user once per distinct failure; the next request retries the engine."""
@@ -305,7 +311,7 @@ def create_server(backend_factory: Any = None, debug_commands: bool = False) -> 
                             code_action_kinds=sorted({k for _, k in KINDS.values()})),
     )
     def code_action(ls: GemmaServer, params: t.CodeActionParams) -> list[t.CodeAction]:
-        return ls.actions.offer(params, lazy=ls.resolves_edits())
+        return ls.actions.offer(params, lazy=ls.resolves_edits() and not ls.applies_edits())
 
     @server.feature(t.CODE_ACTION_RESOLVE)
     async def code_action_resolve(ls: GemmaServer, action: t.CodeAction) -> t.CodeAction:

@@ -23,28 +23,23 @@ function T.explain()
   local b = gl.explain_buffer()
   return b and table.concat(vim.api.nvim_buf_get_lines(b, 0, -1, false), "\n") or ""
 end
-T.action_done = false
--- resolve and apply the code action of `kind` (docstring, refactor) for lines l1..l2
--- (0-based, end exclusive), as vim.lsp.buf.code_action would after the user picks it
+T.messages = {}
+local notify = vim.notify
+vim.notify = function(msg, level, opts)
+  table.insert(T.messages, msg)
+  return notify(msg, level, opts)
+end
+-- run the code action of `kind` (docstring, refactor) for lines l1..l2 (0-based, end
+-- exclusive) through Neovim's own vim.lsp.buf.code_action, as a user picking it would: it
+-- resolves the action, applies its edit if any and runs its command (the server answers at
+-- once and sends the edit as workspace/applyEdit)
 function T.code_action(kind, l1, l2)
-  T.action_done = false
-  local client = vim.lsp.get_clients({ bufnr = 0, name = "gemma_lsp" })[1]
-  local params = { textDocument = { uri = vim.uri_from_bufnr(0) },
-    range = { start = { line = l1, character = 0 }, ["end"] = { line = l2, character = 0 } },
-    context = { diagnostics = {} } }
-  client:request("textDocument/codeAction", params, function(_, actions)
-    local pick
-    for _, a in ipairs(actions or {}) do
-      if a.data and a.data.kind == kind then pick = a end
-    end
-    client:request("codeAction/resolve", pick, function(err, resolved)
-      if resolved and resolved.edit then
-        vim.lsp.util.apply_workspace_edit(resolved.edit, client.offset_encoding)
-      end
-      T.action_error = err and err.message or ""
-      T.action_done = true
-    end, 0)
-  end, 0)
+  T.messages = {}
+  vim.lsp.buf.code_action({
+    apply = true,
+    range = { start = { l1 + 1, 0 }, ["end"] = { l2, 0 } },
+    filter = function(a) return a.data ~= nil and a.data.kind == kind end,
+  })
   return true
 end
 -- the next-edit suggestion as drawn: removed text (highlighted ranges) and added virtual text

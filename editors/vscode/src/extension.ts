@@ -44,11 +44,17 @@ function selectionArgs(): [string, object] | undefined {
   return [editor.document.uri.toString(), range];
 }
 
-async function run(command: string, extra: unknown[] = []): Promise<unknown> {
+let tokens = 0;
+
+// `wait`: pass a workDoneToken, so that the server answers with the result once it is done
+// (and reports progress on that token); otherwise long work answers at once and its result
+// (an edit) arrives as workspace/applyEdit
+async function run(command: string, extra: unknown[] = [], wait = false): Promise<unknown> {
   if (!client) {
     return undefined;
   }
-  return client.sendRequest("workspace/executeCommand", { command, arguments: extra });
+  const workDoneToken = wait ? `gemma-vscode-${++tokens}` : undefined;
+  return client.sendRequest("workspace/executeCommand", { command, arguments: extra, workDoneToken });
 }
 
 async function explain(): Promise<void> {
@@ -70,7 +76,7 @@ async function explain(): Promise<void> {
     }
   });
   try {
-    const result = await run("gemma.explain", args);
+    const result = await run("gemma.explain", args, true);
     if (typeof result === "string") {
       await show(result);
     }

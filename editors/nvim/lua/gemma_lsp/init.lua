@@ -211,13 +211,22 @@ local function range_args(opts)
   }
 end
 
+local tokens = 0
+-- `on_result`: pass a workDoneToken, so that the server answers with the result once it is
+-- done (progress comes on that token); without one long work answers at once and its edit
+-- arrives as workspace/applyEdit
 local function command(name, args, on_result)
   local client = client_for(0)
   if not client then
     vim.notify("gemma-lsp is not attached to this buffer", vim.log.levels.WARN)
     return
   end
-  client:request("workspace/executeCommand", { command = name, arguments = args },
+  local params = { command = name, arguments = args }
+  if on_result and name ~= "gemma.status" then
+    tokens = tokens + 1
+    params.workDoneToken = "gemma-nvim-" .. tokens
+  end
+  client:request("workspace/executeCommand", params,
     function(err, result)
       if err then
         vim.notify("Gemma: " .. (err.message or tostring(err)), vim.log.levels.WARN)
