@@ -26,7 +26,9 @@ from gemma_lsp.prompts import (
     copies_example,
     docstring_insertion,
     docstring_prompt,
+    explain_insertion,
     explain_prompt,
+    explanation_text,
     extract_code_block,
     fix_prompt,
     pick_examples,
@@ -228,7 +230,23 @@ class ActionService:
                       scope: CancelScope | None = None) -> str:
         doc = self._doc(uri, None)
         sel = select_lines(doc, rng)
-        return (await self.answer("explain", sel, "", [], on_text, scope)).strip()
+        opts = self.options()
+        chat = is_chat_model(opts.engine.model_name or self.backend().model_name)
+        if chat or "explain_fewshot" in opts.templates:
+            return (await self.answer("explain", sel, "", [], on_text, scope)).strip()
+        # a base model explains best the way it writes a comment after the code
+        lang = sel.doc.language_id or "text"
+        ins = explain_insertion(self.context(sel), sel.text, lang)
+
+        def shown(so_far: str) -> None:
+            if on_text is not None:
+                on_text(explanation_text(ins, so_far, lang))
+
+        answer = await self.generate(ins.prompt, ins.stop, shown, scope)
+        text = explanation_text(ins, answer, lang)
+        if not answer.strip():
+            raise ActionError("Gemma wrote no explanation for this selection")
+        return text
 
     async def answer(self, kind: str, sel: Selection, instruction: str, diagnostics: list[str],
                      on_text: Callable[[str], None] | None, scope: CancelScope | None,

@@ -29,7 +29,9 @@ __all__ = [
     "copies_example",
     "custom_fim_template",
     "docstring_prompt",
+    "explain_insertion",
     "explain_prompt",
+    "explanation_text",
     "extract_code_block",
     "fix_prompt",
     "is_valid_fim_override",
@@ -576,6 +578,44 @@ class Insertion:
     head: str
     tail: str
     at_line: int
+
+
+_DEFINES = re.compile(
+    r"^\s*(?:(?:export|pub|public|private|static|async|inline)\s+)*"
+    r"(?:def|class|fn|func|function|struct|enum|interface|impl|trait)\s+([A-Za-z_][\w]*)")
+
+
+def explain_insertion(ctx: CompletionContext, selection: str, language: str) -> Insertion:
+    """A completion-style Explain prompt that a base model follows without examples to copy:
+    the file through the selection, then a comment that starts the explanation and names what
+    the selection defines (the user's code is the last thing it read). The answer continues
+    `head`'s sentence; `explanation_text` turns it into plain text."""
+    start, end = comment_syntax(language)
+    before = render_extras_block(ctx.extras, ctx.language_id) + ctx.prefix
+    code = selection.rstrip("\n")
+    first = next((ln for ln in code.splitlines() if ln.strip()), "")
+    indent = first[: len(first) - len(first.lstrip(" \t"))]
+    m = _DEFINES.match(first)
+    subject = f"`{m.group(1)}`" if m else "the code above"
+    head = f"{indent}{start} In short, {subject}"
+    stop = ["\n\n", end] if end else ["\n\n"]
+    return Insertion(before + code + "\n" + head, stop, head, "", 0)
+
+
+def explanation_text(insertion: Insertion, answer: str, language: str) -> str:
+    """The explanation as plain text: the started sentence and the comment lines that follow
+    it, without comment signs; stops at the first line that is not a comment."""
+    start, _ = comment_syntax(language)
+    lead = insertion.head.strip()[len(start):].strip()
+    lines = answer.split("\n")
+    out = [lead + lines[0]]
+    for line in lines[1:]:
+        s = line.strip()
+        if not s.startswith(start):
+            break
+        out.append(s[len(start):].strip())
+    text = " ".join(x for x in out if x).strip()
+    return text.removeprefix("In short, ")
 
 
 def docstring_insertion(ctx: CompletionContext, selection: str, language: str) -> Insertion | None:

@@ -138,3 +138,52 @@ async def test_typed_ahead_serves_the_rest_without_the_engine() -> None:
     store.open(URI, TEXT + "a +", 2, "python")
     assert await svc.complete(URI, len(TEXT) + 3) == [" b"]
     assert len(backend.streams) == 1 and svc.stats.typed_ahead == 1
+
+
+MENU_TEXT = "def total(xs):\n    return sum(len("
+
+
+async def test_a_menu_gets_a_complete_unit_past_the_latency_budget() -> None:
+    """The budget cuts inline ghost text at the text so far; a menu item waits for the unit."""
+    backend = FakeBackend(["x", ") for", " x in xs)", "\n", "\n", "def g():"])
+    svc, store = service(backend, latencyBudgetMs=1)
+    store.open(URI, MENU_TEXT, 2, "python")
+    backend.gate.set()
+    assert await svc.complete(URI, len(MENU_TEXT), unit=True) == ["x) for x in xs)"]
+
+
+async def test_a_menu_gets_nothing_rather_than_a_fragment() -> None:
+    backend = FakeBackend(["x", ") for"])  # the model stops mid-line (token limit)
+    svc, store = service(backend)
+    store.open(URI, MENU_TEXT, 2, "python")
+    backend.gate.set()
+    for s in backend.streams:
+        s.finish = Finish(reason="length")
+    assert await svc.complete(URI, len(MENU_TEXT)) == ["x) for"]  # inline: fine, re-asked
+    assert await svc.complete(URI, len(MENU_TEXT), unit=True) == []
+
+
+async def test_the_menu_wait_is_bounded_and_the_work_goes_on() -> None:
+    backend = FakeBackend(["x) for x in xs)", "\n", "\n"])
+    svc, store = service(backend, menuWaitMs=50)
+    store.open(URI, MENU_TEXT, 2, "python")
+    first = await svc.complete(URI, len(MENU_TEXT), unit=True)  # the model has not answered
+    assert first == []
+    backend.gate.set()
+    await asyncio.sleep(0.2)
+    assert await svc.complete(URI, len(MENU_TEXT), unit=True) == ["x) for x in xs)"]
+    assert len(backend.streams) == 1  # the next ask was served by the work that went on
+
+
+def test_a_large_document_is_warmed_at_its_last_edit() -> None:
+    from lsprotocol import types as t
+
+    svc, store = service(FakeBackend([]))
+    small = store.get(URI)
+    assert small is not None and svc.warm_offset(small) == len(small.text)
+    big = store.open("file:///w/big.py", "x = 1\n" * 10_000, 1, "python")
+    assert svc.warm_offset(big) is None  # nothing known about where the user is
+    store.change(big.uri, 2, [t.TextDocumentContentChangePartial(
+        range=t.Range(t.Position(5000, 0), t.Position(5000, 0)), text="y = 2\n")])
+    at = svc.warm_offset(big)
+    assert at is not None and big.line_of_offset(at) in (5000, 5001)  # the edited region's end

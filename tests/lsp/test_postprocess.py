@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from gemma_lsp.context import CompletionContext, build_context
 from gemma_lsp.documents import Document
 from gemma_lsp.postprocess import (
+    complete_unit,
     dedupe,
     finalize,
     is_useful,
@@ -198,3 +199,28 @@ def test_finalize() -> None:
 )
 def test_typed_ahead(suggestion: str, prev: str, new: str, expected: str | None) -> None:
     assert typed_ahead(suggestion, prev, new) == expected
+
+
+# --- complete units (completion-menu items) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, final, unit", [
+    ("x) for x in xs)\n    ", True, "x) for x in xs)"),  # closes what the line opened
+    ("x", True, None),  # `return sum(len(x` : still open
+    ("x) for x in", True, None),  # ends on a keyword that needs more
+    ("x) for x in xs) +", True, None),  # ends on an operator
+    ("x) for x in xs)", False, None),  # the line may go on: not known to be complete
+    ("x) for x in xs)\n    return", False, "x) for x in xs)"),  # the last line is undecided
+])
+def test_complete_unit(text: str, final: bool, unit: str | None) -> None:
+    ctx = ctx_at("def f(xs):\n    return sum(len(|")
+    assert complete_unit(text, ctx, final=final) == unit
+
+
+def test_complete_unit_counts_the_rest_of_the_line_and_strings() -> None:
+    assert complete_unit("a, b", ctx_at("x = foo(|)")) == "a, b"  # `)` stays after the item
+    assert complete_unit("abc", ctx_at("s = '|")) is None  # an open string
+    assert complete_unit("abc'", ctx_at("s = '|")) == "abc'"
+    assert complete_unit("a)  # (not closed", ctx_at("f(|")) == "a)  # (not closed"  # comment
+    doc = 'def f(x):\n    """Doc.\n    more"""\n    return x\n'
+    assert complete_unit(doc, ctx_at("|")) == doc.rstrip()  # a triple-quoted string closes

@@ -267,3 +267,44 @@ def test_templates_can_be_overridden() -> None:
 )
 def test_extract_code_block(text: str, code: str) -> None:
     assert extract_code_block(text) == code
+
+
+# --- examples that cannot leak -----------------------------------------------------------------
+
+
+def test_examples_are_in_other_languages_and_the_users_code_comes_last() -> None:
+    from gemma_lsp.prompts import pick_examples
+
+    for kind in ("explain", "fix", "refactor", "docstring"):
+        chosen = pick_examples(kind, "python", SEL)
+        assert chosen and all(e.language != "python" for e in chosen)
+        assert pick_examples(kind, "python", SEL, skip=1) != chosen  # a second try differs
+    prompt, _ = fix_prompt(DOC_CTX, SEL, "python", False, ["undefined name 'c'"])
+    assert prompt.rindex("```python\n" + SEL.rstrip("\n")) > prompt.rindex("### Fixed code\n```go")
+
+
+def test_an_answer_that_copies_an_example_is_recognised() -> None:
+    from gemma_lsp.prompts import EXAMPLES, copies_example
+
+    examples = list(EXAMPLES["explain"])
+    debounce = next(e for e in examples if "debounce" in e.code)
+    copied = "This function runs only after calls have stopped for `ms` milliseconds."
+    assert copies_example(copied, examples, SEL) is debounce
+    assert copies_example("Adds `a` and `b` and returns the sum.", examples, SEL) is None
+    # words the user's own code has are not a copy
+    own = "def wait_milliseconds(ms, timer):\n    stopped = timer.stop(ms)\n"
+    assert copies_example("Stops `timer` after `ms` milliseconds.", examples, own) is None
+    fixed = "def maxOf(xs []int) int {\n\tm := xs[0]\n"
+    assert copies_example(fixed, list(EXAMPLES["fix"]), SEL) is not None
+
+
+def test_explain_for_a_base_model_is_a_comment_after_the_code() -> None:
+    from gemma_lsp.prompts import explain_insertion, explanation_text
+
+    ins = explain_insertion(DOC_CTX, SEL, "python")
+    assert ins.prompt.endswith(SEL.rstrip("\n") + "\n# In short, `add`")
+    answer = " adds its two arguments\n# and returns the sum.\nprint(1)"
+    assert explanation_text(ins, answer, "python") == (
+        "`add` adds its two arguments and returns the sum.")
+    rust = explain_insertion(DOC_CTX, "fn size() -> usize {\n    4\n}\n", "rust")
+    assert rust.prompt.endswith("}\n// In short, `size`")
