@@ -221,7 +221,11 @@ class ActionService:
 
     def context(self, sel: Selection) -> CompletionContext:
         """The file around the selection: prefix before it, suffix after it (not through it)."""
-        ctx = build_context(sel.doc, sel.start, self.store, self.options().completion.budgets())
+        opts = self.options()
+        budgets = dataclasses.replace(opts.completion.budgets(),
+                                      prefix_tokens=opts.actions.prefix_tokens,
+                                      suffix_tokens=opts.actions.suffix_tokens)
+        ctx = build_context(sel.doc, sel.start, self.store, budgets)
         end = min(len(sel.doc.text), sel.end + len(ctx.suffix))
         return dataclasses.replace(ctx, suffix=sel.doc.text[sel.end : end])
 

@@ -74,6 +74,10 @@ class ActionOptions:
     enabled: bool = True
     max_tokens: int = 256
     temperature: float = 0.2
+    # the file around a selection that an action's prompt shows (tokens before / after it):
+    # smaller than completion's, for the first text to come soon
+    prefix_tokens: int = 600
+    suffix_tokens: int = 150
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,8 @@ _RULES: dict[type, dict[str, _Rule]] = {
         "enabled": _bool(),
         "max_tokens": _int(1, 32_768),
         "temperature": _float(0.0, 2.0),
+        "prefix_tokens": _int(0, 1_000_000),
+        "suffix_tokens": _int(0, 1_000_000),
     },
     EngineOptions: {
         "backend": _choice(BACKENDS),

@@ -248,6 +248,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 flag = ("COPIES " + res.copies if res.copies else "") + (
                     " invents " + ",".join(res.invented) if res.invented else "") + (
                     "" if res.fixed is None else (" fixed" if res.fixed else " not fixed"))
+                if args.json:  # what is done so far survives an interrupted run
+                    args.json.write_text(json.dumps(
+                        {"partial": True, "results": [asdict(r) for r in results]}, indent=1))
                 print(f"{action:9} {case.file}:{case.name:28} first {ft:>7} total "
                       f"{res.total_s:6.1f}s {'ok' if res.ok else 'refused: ' + res.error}"
                       f" {flag}", flush=True)

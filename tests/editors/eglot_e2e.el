@@ -30,8 +30,7 @@
        (explained nil)
        (eglot-server-programs
         `((python-mode . (,python "-m" "gemma_lsp" :initializationOptions
-                          (:gemma (:completion (:debounceMs 0 :latencyBudgetMs 0 :maxTokens 16
-                                                :menuWaitMs 120000)
+                          (:gemma (:completion (:debounceMs 0 :latencyBudgetMs 0 :maxTokens 16)
                                    :actions (:maxTokens 64 :temperature 0))))))))
   (setq command-line-args-left nil)
   (condition-case err
@@ -44,10 +43,21 @@
         (goto-char (point-max))
         (insert "\n        if amount")
         (eglot--signal-textDocument/didChange)
-        (let* ((capf (eglot-completion-at-point))
-               (beg (nth 0 capf)) (end (nth 1 capf)) (table (nth 2 capf))
-               (cands (all-completions (buffer-substring-no-properties beg end) table))
-               (exit (plist-get (nthcdr 3 capf) :exit-function)))
+        ;; ask as a user would, again until there is an item: the server answers within
+        ;; completion.menuWaitMs (nothing rather than a fragment) and decodes on meanwhile
+        (let* ((capf nil) (cands nil) (tries 0) beg end exit)
+          (while (and (not cands) (< tries 150))
+            (setq tries (1+ tries))
+            (condition-case nil
+                (setq capf (eglot-completion-at-point)
+                      cands (all-completions
+                             (buffer-substring-no-properties (nth 0 capf) (nth 1 capf))
+                             (nth 2 capf)))
+              (error nil))
+            (unless cands (sleep-for 2)))
+          (setq beg (nth 0 capf) end (nth 1 capf)
+                exit (plist-get (nthcdr 3 capf) :exit-function))
+          (gl-step "completion_asks" tries)
           (gl-step "candidates" (vconcat cands))
           (when cands
             (delete-region beg end)
