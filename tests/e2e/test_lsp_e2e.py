@@ -28,7 +28,8 @@ from tests.rewrite_template import REFACTOR_FEWSHOT
 RUNTIME = Path(tempfile.gettempdir()) / f"glsp-e2e-{os.getpid()}"
 ENV = dict(os.environ, GEMMA_LSP_RUNTIME_DIR=str(RUNTIME), PYTHONUNBUFFERED="1")
 INIT = {"gemma": {"completion": {"debounceMs": 0, "maxTokens": 24, "warmAfterMs": 0,
-                                 "latencyBudgetMs": 0},
+                                 # menu items wait for the unit (a shared machine is slow)
+                                 "latencyBudgetMs": 0, "menuWaitMs": 600_000},
                   "actions": {"maxTokens": 96, "temperature": 0},
                   "templates": {"refactorFewshot": REFACTOR_FEWSHOT}}}
 URI = "file:///tmp/e2e/account.py"
