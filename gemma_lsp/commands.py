@@ -19,6 +19,7 @@ a server's edit, for edits.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import os
@@ -47,6 +48,10 @@ COMMANDS = (
     "gemma.status",
     "gemma.restartEngine",
 )
+# the workDoneToken of the workspace/executeCommand being dispatched (pygls passes a command
+# handler its arguments only); set by `server.create_server`'s wrapper of the dispatch
+CLIENT_TOKEN: contextvars.ContextVar[t.ProgressToken | None] = contextvars.ContextVar(
+    "gemma_client_work_done_token", default=None)
 SHORT_EXPLANATION = 400  # characters: shown as a message; longer ones open as a document
 REPORT_EVERY_S = 0.15
 

@@ -15,7 +15,7 @@ from pygls.lsp.server import LanguageServer
 from gemma_lsp import __version__
 from gemma_lsp.actions import KINDS, ActionError, ActionService
 from gemma_lsp.backend import Backend, EngineBackend, UnavailableBackend
-from gemma_lsp.commands import COMMANDS, CommandService
+from gemma_lsp.commands import CLIENT_TOKEN, COMMANDS, CommandService
 from gemma_lsp.completion import CompletionService
 from gemma_lsp.config import ServerOptions, parse_options
 from gemma_lsp.documents import DocumentStore
@@ -322,13 +322,21 @@ def create_server(backend_factory: Any = None, debug_commands: bool = False) -> 
 
             raise JsonRpcContentModified(str(e)) from e
 
+    builtin = server.protocol.fm.builtin_features[t.WORKSPACE_EXECUTE_COMMAND]
+
+    def execute_command(params: t.ExecuteCommandParams) -> Any:
+        # pygls hands a command its arguments only: keep the client's workDoneToken for it
+        CLIENT_TOKEN.set(params.work_done_token)
+        return (yield from builtin(params))
+
+    server.protocol.fm.builtin_features[t.WORKSPACE_EXECUTE_COMMAND] = execute_command
+
     for name in COMMANDS:
         def make(cmd: str) -> Any:
             async def run(ls: GemmaServer, *args: Any) -> Any:
                 try:
-                    return await ls.commands.execute(
-                        t.ExecuteCommandParams(command=cmd, arguments=list(args))
-                    )
+                    return await ls.commands.execute(t.ExecuteCommandParams(
+                        command=cmd, arguments=list(args), work_done_token=CLIENT_TOKEN.get()))
                 except ActionError as e:
                     from pygls.exceptions import JsonRpcInvalidParams
 

@@ -142,3 +142,18 @@ async def test_a_stale_or_bad_request_is_refused_in_its_answer(client: LanguageC
     with pytest.raises(Exception, match="expected arguments"):
         await _timed(client.workspace_execute_command_async(t.ExecuteCommandParams(
             command="gemma.explain", arguments=[42])))
+
+
+async def test_a_client_token_waits_for_the_text(client: LanguageClient) -> None:
+    """Our plugins pass their own workDoneToken for Explain: the answer is the text."""
+    text = await client.workspace_execute_command_async(t.ExecuteCommandParams(
+        command="gemma.explain", arguments=[URI, {"start": {"line": 8, "character": 0},
+                                                  "end": {"line": 12, "character": 0}}],
+        work_done_token="mine-1"))
+    assert text == "`deposit` adds the amount to the balance."
+    caps = client.caps  # type: ignore[attr-defined]
+    if caps.window and caps.window.work_done_progress:
+        reports = [r for r in client.progress_reports.get("mine-1", [])
+                   if isinstance(r, t.WorkDoneProgressReport)]
+        assert reports and reports[-1].message == text
+    assert not [m for m in client.messages if m.type == t.MessageType.Info]  # not twice
