@@ -420,6 +420,12 @@ def write_ready(
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        os.replace(tmp, ready)
+        try:
+            os.replace(tmp, ready)
+        except OSError:
+            # another process built the same copy (same key) and renamed it first: use theirs
+            if not (ready / "engine.json").exists():
+                raise
+            log.info("%s was written by another process meanwhile; using it", ready)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -191,3 +191,22 @@ def test_flipped_bytes_in_the_model_copy_and_the_saved_cache_are_rejected_by_the
     got, done = text_of(c.generate(prompt, max_tokens=8))
     assert got == want and done.reused_tokens == 0
     c.shutdown()
+
+
+def test_two_builders_of_one_copy_both_succeed(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes building the same engine-ready copy at once: the slower rename finds the
+    first one's directory and uses it instead of failing."""
+    from engine.weights import load_model_files, write_ready
+    from tests.engine.tiny import tiny_config, tiny_tensors, tiny_vocab, write_tiny_gguf
+
+    monkeypatch.setenv("GEMMA_LSP_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_config(vocab_size=len(tiny_vocab()[0]), context_length=256)
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(str(gguf), cfg, tiny_tensors(cfg))
+    files = load_model_files(gguf)  # the first builder
+    first = (files.ready_dir / "engine.json").read_text()
+    write_ready(files.ready_dir, files.config, dict(files.tensors), files.tokenizer, gguf,
+                files.source_sha256)  # the slower one, with the same key
+    assert (files.ready_dir / "engine.json").read_text() == first
+    assert [p.name for p in files.ready_dir.parent.iterdir()] == [files.ready_dir.name]
