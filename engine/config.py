@@ -15,6 +15,36 @@ GEMMA3_LOCAL_ROPE_BASE = 10_000.0
 
 
 @dataclass(frozen=True)
+class MediaConfig:
+    """Gemma 4 unified's soft-token inputs: the placeholder ids and the embedders' shapes.
+
+    `patch_px` is the model patch (vision patch_size x pooling_kernel_size, 48 in the released
+    models); 0 means the model has no vision embedder, `audio_frame` 0 no audio embedder.
+    """
+
+    image_token_id: int
+    boi_token_id: int
+    eoi_token_id: int
+    audio_token_id: int
+    boa_token_id: int
+    eoa_token_id: int
+    patch_px: int = 0  # side of one image soft token's pixel block
+    vision_dim: int = 0  # mm_embed_dim
+    posemb_size: int = 0  # rows of the x/y position table
+    vision_eps: float = 1e-6  # the weightless RMSNorm before the projection
+    audio_frame: int = 0  # samples per audio soft token (640 = 40 ms at 16 kHz)
+    audio_eps: float = 1e-6
+
+    @property
+    def vision(self) -> bool:
+        return self.patch_px > 0
+
+    @property
+    def audio(self) -> bool:
+        return self.audio_frame > 0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything the forward pass needs to know about a Gemma model, and nothing else."""
 
@@ -43,6 +73,7 @@ class ModelConfig:
     kv_source: tuple[int, ...] = ()  # per layer: the layer whose K/V it attends (K/V sharing)
     v_norm: bool = False  # RMS-normalise V (no scale)
     rope_fraction_global: float = 1.0  # share of rotated pairs on full-attention layers
+    media: MediaConfig | None = None  # Gemma 4 unified: image / audio soft tokens
 
     def __post_init__(self) -> None:
         assert len(self.sliding_layers) == self.n_layers
@@ -100,6 +131,8 @@ class ModelConfig:
         for key, value in data.items():
             if isinstance(value, list):
                 data[key] = tuple(value)
+        if data.get("media") is not None:
+            data["media"] = MediaConfig(**data["media"])
         return cls(**data)
 
     @classmethod

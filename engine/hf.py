@@ -8,6 +8,7 @@ directory's tensors become the same engine-ready fp32 copy as a GGUF's (engine.w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,7 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import GEMMA3_LOCAL_ROPE_BASE, GEMMA3_SLIDING_PERIOD, ModelConfig
+from engine.config import (
+    GEMMA3_LOCAL_ROPE_BASE,
+    GEMMA3_SLIDING_PERIOD,
+    MediaConfig,
+    ModelConfig,
+)
 
 log = logging.getLogger("gemma-lsp.engine")
 
@@ -35,6 +41,20 @@ _LAYER_NAMES = {
     "post_feedforward_layernorm.weight": "post_ffn_norm",
     "mlp.gate_proj.weight": "w_gate", "mlp.up_proj.weight": "w_up",
     "mlp.down_proj.weight": "w_down",
+}
+# Gemma 4 unified's encoder-free embedders (on-disk names after transformers' renaming)
+_MEDIA_NAMES = {
+    "model.vision_embedder.patch_ln1.weight": "vision.ln1_w",
+    "model.vision_embedder.patch_ln1.bias": "vision.ln1_b",
+    "model.vision_embedder.patch_dense.weight": "vision.w_patch",
+    "model.vision_embedder.patch_dense.bias": "vision.b_patch",
+    "model.vision_embedder.patch_ln2.weight": "vision.ln2_w",
+    "model.vision_embedder.patch_ln2.bias": "vision.ln2_b",
+    "model.vision_embedder.pos_embedding": "vision.pos_embd",
+    "model.vision_embedder.pos_norm.weight": "vision.pos_norm_w",
+    "model.vision_embedder.pos_norm.bias": "vision.pos_norm_b",
+    "model.embed_vision.embedding_projection.weight": "vision.w_proj",
+    "model.embed_audio.embedding_projection.weight": "audio.w_proj",
 }
 _NORMS = {"q_norm", "k_norm", "attn_norm", "post_attn_norm", "ffn_norm", "post_ffn_norm"}
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
@@ -117,7 +137,10 @@ def config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
     cfg = text_config(raw)
     kind = str(cfg.get("model_type") or raw.get("model_type") or "")
     if kind.startswith("gemma4"):
-        return _gemma4_config(cfg)
+        config = _gemma4_config(cfg)
+        if str(raw.get("model_type", "")) == "gemma4_unified":
+            config = dataclasses.replace(config, media=media_config(raw))
+        return config
     if kind.startswith("gemma3n"):
         raise ValueError(f"model_type {kind!r}: the built-in engine runs Gemma 3 and dense "
                          "Gemma 4 text models; serve this one with Ollama or llama-server and "
@@ -179,6 +202,33 @@ def config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
     )
 
 
+def media_config(raw: Mapping[str, Any]) -> MediaConfig:
+    """Gemma 4 unified's placeholder ids and embedder shapes from the top-level config.json
+    (defaults: the released models' ids)."""
+    vision = raw.get("vision_config") or {}
+    audio = raw.get("audio_config") or {}
+
+    def tid(key: str, default: int) -> int:
+        value = raw.get(key)
+        return default if value is None else int(value)
+
+    patch = int(vision.get("patch_size") or 16) * int(vision.get("pooling_kernel_size") or 3)
+    dim = int(vision.get("mm_embed_dim") or 3840)
+    if vision and int(vision.get("output_proj_dims") or dim) != dim:
+        raise ValueError("vision_config.output_proj_dims must equal mm_embed_dim (the "
+                         "projection reads the position-normed patch embedding)")
+    return MediaConfig(
+        image_token_id=tid("image_token_id", 258880), boi_token_id=tid("boi_token_id", 255999),
+        eoi_token_id=tid("eoi_token_id", 258882), audio_token_id=tid("audio_token_id", 258881),
+        boa_token_id=tid("boa_token_id", 256000), eoa_token_id=tid("eoa_token_index", 258883),
+        patch_px=patch if vision else 0, vision_dim=dim if vision else 0,
+        posemb_size=int(vision.get("mm_posemb_size") or 1120) if vision else 0,
+        vision_eps=float(vision.get("rms_norm_eps") or 1e-6),
+        audio_frame=int(audio.get("audio_embed_dim") or 640) if audio else 0,
+        audio_eps=float(audio.get("rms_norm_eps") or 1e-6),
+    )
+
+
 def _gemma4_config(cfg: Mapping[str, Any]) -> ModelConfig:
     """A dense Gemma 4 text model: plain RMSNorm weights, V norm, unscaled scores, wider
     full-attention heads with partial RoPE, optional K = V and K/V sharing, final softcap."""
@@ -233,7 +283,9 @@ def _gemma4_config(cfg: Mapping[str, Any]) -> ModelConfig:
         arch="gemma4", vocab_size=int(cfg["vocab_size"]), d_model=d, n_layers=n,
         n_heads=n_heads, n_kv_heads=kv, head_dim=hd, ff_dim=ff,
         context_length=int(cfg.get("max_position_embeddings") or 131072),
-        sliding_window=int(cfg.get("sliding_window") or 512), sliding_layers=sliding,
+        sliding_window=int(cfg.get("sliding_window") or (
+            1024 if cfg.get("model_type") == "gemma4_unified_text" else 512)),
+        sliding_layers=sliding,
         rope_base_global=float(full_rope.get("rope_theta", 1_000_000.0)),
         rope_base_local=float(local_rope.get("rope_theta", 10_000.0)),
         rope_scale_global=float(full_rope.get("factor", 1.0)),
@@ -317,6 +369,8 @@ def read_tensors(directory: Path, norm_plus_one: bool = True
 
 
 def canonical_name(name: str) -> str | None:
+    if name in _MEDIA_NAMES:
+        return _MEDIA_NAMES[name]
     for prefix in _PREFIXES:
         if name.startswith(prefix):
             name = name[len(prefix):]

@@ -14,8 +14,11 @@ from typing import Literal
 
 import numpy as np
 
+from engine.audio import AudioWeights
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
+from engine.multimodal import SoftSpan, blocks_in
+from engine.vision import VisionWeights
 
 SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 
@@ -61,6 +64,9 @@ def pack_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict
                   "post_ffn_norm", "layer_scalar"):
             if p + n in tensors:
                 out[p + n] = tensors[p + n]
+    for name, arr in tensors.items():  # Gemma 4 unified's image / audio embedders
+        if name.startswith(("vision.", "audio.")):
+            out[name] = arr
     return out
 
 
@@ -69,6 +75,8 @@ class Weights:
     tok_embd_t: np.ndarray  # (d, V): the embedding transposed, also the tied LM head
     final_norm: np.ndarray  # (d,)
     layers: tuple[LayerWeights, ...]
+    vision: VisionWeights | None = None  # Gemma 4 unified's image embedder
+    audio: AudioWeights | None = None  # and its audio embedder
 
     @classmethod
     def from_packed(cls, config: ModelConfig, packed: Mapping[str, np.ndarray]) -> Weights:
@@ -79,7 +87,8 @@ class Weights:
                             if f"layers.{i}.{n}" in packed})
             for i in range(config.n_layers)
         )
-        return cls(packed["tok_embd_t"], packed["final_norm"], layers)
+        return cls(packed["tok_embd_t"], packed["final_norm"], layers,
+                   VisionWeights.from_packed(packed), AudioWeights.from_packed(packed))
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -147,28 +156,37 @@ def gelu_tanh_mul(out: np.ndarray, x: np.ndarray, up: np.ndarray) -> None:
 
 ATTN_QUERY_BLOCK = 128  # prefill attends per block of queries, skipping keys in their future
 
-AttnPlan = list[tuple[int, int, int, np.ndarray | None]]
+AttnPlan = list[tuple[int, int, int, int, np.ndarray | None]]
 
 
-def attention_plan(start: int, n_new: int, window: int | None) -> AttnPlan:
-    """Per query block: (first query, end query, first key, additive mask or None).
+def attention_plan(start: int, n_new: int, window: int | None,
+                   blocks: Sequence[tuple[int, int]] = ()) -> AttnPlan:
+    """Per query block: (first query, end query, first key, end key, additive mask or None).
 
-    Positions are absolute. A query at p sees keys k <= p, and p - k < window if windowed.
+    Positions are absolute. A query at p sees keys k <= p, and p - k < window if windowed;
+    a query inside a bidirectional block (an image's soft tokens, all inside this chunk)
+    also sees every key of that block, past the window and in its future.
     """
     plan: AttnPlan = []
     for b0 in range(0, n_new, ATTN_QUERY_BLOCK):
         b1 = min(n_new, b0 + ATTN_QUERY_BLOCK)
         q0, q1 = start + b0, start + b1
         k0 = 0 if window is None else max(0, q0 - window + 1)
+        k1 = q1
+        mine = [(a, b) for a, b in blocks if a < q1 and b > q0]
+        for a, b in mine:
+            k0, k1 = min(k0, a), max(k1, b)
         bias = None
-        if q1 - q0 > 1 or (window is not None and q0 - k0 >= window):
+        if q1 - q0 > 1 or (window is not None and q0 - k0 >= window) or mine:
             q_pos = np.arange(q0, q1)[:, None]  # (t, 1)
-            k_pos = np.arange(k0, q1)[None, :]  # (1, s)
+            k_pos = np.arange(k0, k1)[None, :]  # (1, s)
             visible = k_pos <= q_pos  # (t, s)
             if window is not None:
                 visible &= (q_pos - k_pos) < window
+            for a, b in mine:  # causal OR same block
+                visible |= (q_pos >= a) & (q_pos < b) & (k_pos >= a) & (k_pos < b)
             bias = np.where(visible, np.float32(0.0), np.float32(-np.inf))  # (t, s)
-        plan.append((q0, q1, k0, bias))
+        plan.append((q0, q1, k0, k1, bias))
     return plan
 
 
@@ -181,23 +199,42 @@ def attention(
     n_kv = k.shape[0]
     G = H // n_kv
     out = np.empty((H, T, hd), dtype=np.float32)  # (H, T, hd)
-    for q0, q1, k0, bias in plan:
+    for q0, q1, k0, k1, bias in plan:
         t = q1 - q0
         qb = q[q0 - q_start : q1 - q_start]  # (t, H, hd)
         qg = qb.transpose(1, 0, 2).reshape(n_kv, G * t, hd)  # (KV, G*t, hd): head h -> kv h//G
-        scores = qg @ k[:, k0:q1].transpose(0, 2, 1)  # (KV, G*t, s)
+        scores = qg @ k[:, k0:k1].transpose(0, 2, 1)  # (KV, G*t, s)
         scores = scores.reshape(n_kv, G, t, -1)  # (KV, G, t, s)
         if bias is not None:
             scores += bias
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
-        ob = scores.reshape(n_kv, G * t, -1) @ v[:, k0:q1]  # (KV, G*t, hd)
+        ob = scores.reshape(n_kv, G * t, -1) @ v[:, k0:k1]  # (KV, G*t, hd)
         out[:, q0 - q_start : q1 - q_start] = ob.reshape(H, t, hd)
     return out.transpose(1, 0, 2).reshape(T, H * hd)  # (T, H*hd)
 
 
 # --------------------------------------------------------------------------- forward
+
+
+def embed_inputs(cfg: ModelConfig, w: Weights, ids: np.ndarray, start: int,
+                 soft: Sequence[SoftSpan]) -> np.ndarray:
+    """(T, d) inputs at positions start..: token rows x sqrt(d); soft tokens (negative ids)
+    replaced by their image / audio embeddings (not scaled)."""
+    T = ids.shape[0]
+    soft_pos = ids < 0  # (T,)
+    lookup = np.where(soft_pos, 0, ids) if soft_pos.any() else ids  # (T,)
+    x = w.tok_embd_t[:, lookup].T * np.float32(cfg.embed_scale)  # (T, d)
+    covered = 0
+    for span in soft:
+        a, b = max(span.start, start), min(span.end, start + T)
+        if a < b:
+            assert cfg.media is not None
+            x[a - start : b - start] = span.embed(cfg.media, w.vision, w.audio, a, b)
+            covered += b - a
+    assert covered == int(soft_pos.sum()), "soft tokens without a span to embed them"
+    return x
 
 
 def forward(
@@ -208,11 +245,14 @@ def forward(
     *,
     logits: Literal["last", "all", "none"] = "last",
     should_stop: Callable[[], bool] | None = None,
+    soft: Sequence[SoftSpan] = (),
 ) -> np.ndarray | None:
     """Run `tokens` at positions kv.length.. ; append their K/V; return logits where asked.
 
     Returns (V,) for "last", (T, V) for "all", None for "none". Raises Cancelled between
     layers if `should_stop()` turns true; the cache then keeps only what it had before.
+    Negative ids are soft tokens (images, audio), embedded from the `soft` spans that cover
+    them; an image's span must lie wholly inside or outside this chunk.
     """
     ids = np.asarray(tokens, dtype=np.int64)  # (T,)
     T = ids.shape[0]
@@ -230,12 +270,13 @@ def forward(
     rope_global = rope_tables(pos, hd_global, cfg.rope_base_global, cfg.rope_scale_global,
                               cfg.rope_fraction_global)
     rope_local = rope_tables(pos, hd_local, cfg.rope_base_local)
-    plan_global = attention_plan(start, T, None)
-    plan_local = attention_plan(start, T, cfg.sliding_window)
+    blocks = blocks_in(soft, start, end)  # image soft tokens attend each other both ways
+    plan_global = attention_plan(start, T, None, blocks)
+    plan_local = attention_plan(start, T, cfg.sliding_window, blocks)
     scale = np.float32(cfg.attn_scale)
 
-    # token embedding, scaled by sqrt(d)
-    x = w.tok_embd_t[:, ids].T * np.float32(cfg.embed_scale)  # (T, d)
+    # token embedding scaled by sqrt(d); soft tokens from their embedders, unscaled
+    x = embed_inputs(cfg, w, ids, start, soft)  # (T, d)
 
     for i, layer in enumerate(w.layers):
         if should_stop is not None and should_stop():

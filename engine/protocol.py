@@ -28,6 +28,8 @@ MAX_PRIORITY = 1 << 20
 MAX_LOGPROBS = 20
 MAX_STOPS = 64
 MAX_STOP_BYTES = 1024
+MAX_MEDIA = 16  # images / audio clips in one Generate
+MAX_MEDIA_BYTES = 48 * 1024 * 1024  # their encoded files together
 _LEN = struct.Struct(">I")
 
 
@@ -93,6 +95,9 @@ class Generate(Message):
     doc: str = ""  # a newer request for the same non-empty doc supersedes older ones
     deadline_ms: float = 0.0  # wall-clock budget from arrival; 0 = none
     logprobs: int = 0  # alternatives per token to report (0 = just the token's own logprob)
+    # images / audio for `<|image|>` / `<|audio|>` markers in the prompt, in order:
+    # {"kind": "image" | "audio", "data": encoded file bytes, "max_soft_tokens": int (images)}
+    media: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -289,6 +294,22 @@ def _check_types(msg: Message) -> None:
         raise ProtocolError(f"{msg.TYPE}.stop: every stop must be a string")
     if isinstance(msg, Score) and not all(isinstance(c, str) for c in msg.continuations):
         raise ProtocolError("score.continuations: every continuation must be a string")
+    if isinstance(msg, Generate):
+        _check_media(msg.media)
+
+
+def _check_media(media: list[Any]) -> None:
+    """Bounded: at most MAX_MEDIA items of MAX_MEDIA_BYTES together, each a kind + bytes."""
+    if len(media) > MAX_MEDIA:
+        raise ProtocolError(f"generate.media: {len(media)} items; the limit is {MAX_MEDIA}")
+    total = 0
+    for i, item in enumerate(media):
+        if (not isinstance(item, dict) or item.get("kind") not in ("image", "audio")
+                or not isinstance(item.get("data"), bytes)):
+            raise ProtocolError(f"generate.media[{i}] must be {{kind: image|audio, data: bytes}}")
+        total += len(item["data"])
+    if total > MAX_MEDIA_BYTES:
+        raise ProtocolError(f"generate.media: {total} bytes; the limit is {MAX_MEDIA_BYTES}")
 
 
 def _check_ranges(msg: Message) -> None:

@@ -30,6 +30,7 @@ from engine import protocol as P
 from engine.generate import GenerateOptions, TokenStream, check_prompt_length, decode_one
 from engine.kv_cache import KVCache
 from engine.model import Cancelled, forward
+from engine.multimodal import SoftSpan, build_prompt, chunk_end, refusal, safe_prefix
 from engine.prompt_cache import Match, PromptCache
 from engine.runtime import Model
 from engine.sampling import SamplingParams
@@ -80,6 +81,7 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)
     continuations: list[list[int]] = field(default_factory=list)  # score: token ids after ids
     cont_text: list[str] = field(default_factory=list)
+    spans: tuple[SoftSpan, ...] = ()  # images / audio: soft tokens at negative key ids
 
     @property
     def cancelled(self) -> bool:
@@ -204,6 +206,8 @@ class Scheduler:
             "backend": "builtin",
             "model": self.model.name,
             "model_arch": self.model.config.arch,
+            "inputs": ["text"] + [k for k in ("image", "audio")
+                                  if refusal(self.model.config, self.model.name, k) is None],
             "model_source": describe_source(files.source),
             "model_path": str(files.source),
             "model_sha256": files.source_sha256,
@@ -229,7 +233,14 @@ class Scheduler:
                 f"holds at most {self.max_prompt_bytes} bytes")
         if isinstance(msg, P.Score):
             return self._make_score_job(client, msg)
-        ids = np.asarray(self.model.tokenizer.encode(msg.prompt, add_bos=True), dtype=np.int64)
+        spans: tuple[SoftSpan, ...] = ()
+        if isinstance(msg, P.Generate) and msg.media:
+            prompt = build_prompt(cfg, self.model.tokenizer, self.model.name, msg.prompt,
+                                  msg.media)
+            ids, spans = prompt.ids, prompt.spans
+        else:
+            ids = np.asarray(self.model.tokenizer.encode(msg.prompt, add_bos=True),
+                             dtype=np.int64)
         check_prompt_length(len(ids), cfg.context_length)
         now = time.monotonic()
         if isinstance(msg, P.Warm):
@@ -243,7 +254,7 @@ class Scheduler:
         )
         deadline = now + msg.deadline_ms / 1000 if msg.deadline_ms > 0 else None
         return Job(client, msg.id, "generate", ids, msg.priority, msg.doc, opts, now, deadline,
-                   next(self._seq))
+                   next(self._seq), spans=spans)
 
     def _make_score_job(self, client: Client, msg: P.Score) -> Job:
         """The prompt's tokens, and each continuation's tokens after the part of the prompt
@@ -389,6 +400,7 @@ class Scheduler:
     def _start_kv(self, job: Job, keep: int, need: int) -> KVCache:
         """A working K/V holding as much of the prompt's prefix as the caches have."""
         cfg = self.model.config
+        keep = safe_prefix(job.spans, keep)  # never resume inside an image's block
         job.match = self.cache.lookup(job.ids)
         self.cache.hold(job.match)
         kv = self._hot
@@ -399,6 +411,7 @@ class Scheduler:
         else:
             kv = KVCache(cfg, min(cfg.context_length, -(-need // KV_ROUND) * KV_ROUND))
         self.cache.copy_into(job.match, kv, keep)  # only what the buffer lacks
+        kv.truncate(safe_prefix(job.spans, kv.length))
         return kv
 
     def _run_score(self, job: Job, t_start: float) -> Iterator[None]:
@@ -470,14 +483,16 @@ class Scheduler:
             # jobs interleave: another one may have cached more of this prompt meanwhile
             if self.cache.match(job.ids).length > kv.length:
                 self.cache.copy_into(self.cache.lookup(job.ids), kv, keep)
+                kv.truncate(safe_prefix(job.spans, kv.length))  # never inside an image
                 if kv.length >= n:
                     break
-            part = job.ids[kv.length : kv.length + self._chunk(job.priority)]
+            end = min(n, kv.length + self._chunk(job.priority))
+            part = job.ids[kv.length : chunk_end(job.spans, kv.length, end)]  # images whole
             last = kv.length + len(part) >= n
             t0 = time.perf_counter()
             try:
                 logits = forward(cfg, model.weights, part, kv, logits="last" if last else "none",
-                                 should_stop=lambda: self._should_yield(job))
+                                 should_stop=lambda: self._should_yield(job), soft=job.spans)
             except Cancelled:
                 if job.cancelled:
                     raise

@@ -353,6 +353,13 @@ def expected_shapes(cfg: ModelConfig, packed: bool) -> dict[str, tuple[int, ...]
         want |= {p + "wo": (d, q_rows), p + "w_down": (d, ff), p + "q_norm": (hd,)}
         for norm in ("attn_norm", "post_attn_norm", "ffn_norm", "post_ffn_norm"):
             want[p + norm] = (d,)
+    if cfg.media is not None:  # Gemma 4 unified: the image / audio embedders it declares
+        from engine import audio, vision
+
+        if cfg.media.vision:
+            want |= vision.expected_shapes(cfg.media, d)
+        if cfg.media.audio:
+            want |= audio.expected_shapes(cfg.media, d)
     return want
 
 
