@@ -29,7 +29,7 @@ from engine import protocol as P
 
 log = logging.getLogger("gemma-lsp.engine.http")
 
-MAX_BODY = 16 * 1024 * 1024
+MAX_BODY = 32 * 1024 * 1024  # room for a base64 screenshot or a minute of WAV
 HTTP_PRIORITY = 5  # after keystroke completions, before background warming
 _ids = itertools.count(1 << 40)  # request ids that cannot collide with socket clients'
 
@@ -142,8 +142,70 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def chat_prompt(messages: Any) -> str:
-    """Gemma's chat template: system text joins the first user turn; the model turn is open."""
+_DETAIL_TOKENS = {"low": 70, "auto": 280, "high": 560}  # image_url.detail -> soft tokens
+
+
+def content_parts(content: list[Any], where: str, media: list[dict[str, Any]] | None) -> str:
+    """OpenAI content parts -> text with a `<|image|>` / `<|audio|>` marker where each image
+    (`image_url`, data: URLs only) or clip (`input_audio`, base64 WAV) goes; the decoded
+    files are appended to `media`. Nothing is fetched: http(s) URLs are refused."""
+    import base64
+    import binascii
+
+    from engine.multimodal import AUDIO_MARKER, IMAGE_MARKER
+
+    def bad(message: str) -> ApiError:
+        return ApiError(HTTPStatus.BAD_REQUEST, f"{where}: {message}", param=where)
+
+    def b64(data: Any, what: str) -> bytes:
+        if not isinstance(data, str):
+            raise bad(f"{what} must be a base64 string")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad(f"{what} is not valid base64") from None
+
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.append(str(part.get("text", "")))
+            continue
+        if kind not in ("image_url", "input_audio"):
+            raise bad(f"content part type {kind!r} is not supported (text, image_url, "
+                      "input_audio)")
+        if media is None:
+            raise bad("images and audio are only read in chat messages")
+        if kind == "image_url":
+            spec = part.get("image_url")
+            url = spec.get("url") if isinstance(spec, dict) else spec
+            if not isinstance(url, str):
+                raise bad("image_url.url must be a string")
+            if not url.startswith("data:"):
+                raise bad("image_url must be a data: URL (data:image/png;base64,...); http(s) "
+                          "URLs are refused: this server fetches nothing, nothing leaves the "
+                          "machine")
+            head, sep, payload = url.partition(",")
+            if not sep or not head.endswith(";base64"):
+                raise bad("image_url data: URL must be base64 (data:image/...;base64,...)")
+            detail = spec.get("detail", "auto") if isinstance(spec, dict) else "auto"
+            if detail not in _DETAIL_TOKENS:
+                raise bad(f"image_url.detail must be low, auto or high, got {detail!r}")
+            media.append({"kind": "image", "data": b64(payload, "image_url data"),
+                          "max_soft_tokens": _DETAIL_TOKENS[detail]})
+            parts.append(IMAGE_MARKER)
+        else:
+            spec = part.get("input_audio")
+            if not isinstance(spec, dict) or spec.get("format", "wav") != "wav":
+                raise bad("input_audio must be {data: base64, format: \"wav\"} (WAV only)")
+            media.append({"kind": "audio", "data": b64(spec.get("data"), "input_audio.data")})
+            parts.append(AUDIO_MARKER)
+    return "".join(parts)
+
+
+def chat_prompt(messages: Any, media: list[dict[str, Any]] | None = None) -> str:
+    """Gemma's chat template: system text joins the first user turn; the model turn is open.
+    Images and audio in content parts go to `media` (refused when it is None)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(HTTPStatus.BAD_REQUEST, "'messages' must be a non-empty list",
                        param="messages")
@@ -155,15 +217,8 @@ def chat_prompt(messages: Any) -> str:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{i}] needs a role of system, "
                            "user or assistant", param=f"messages[{i}].role")
         content = m.get("content")
-        if isinstance(content, list):  # content parts: text only (this model reads no images)
-            parts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{i}]: only text content "
-                                   "is supported (the model is text-only)",
-                                   param=f"messages[{i}].content")
-                parts.append(str(part.get("text", "")))
-            content = "".join(parts)
+        if isinstance(content, list):  # content parts: text, images, audio
+            content = content_parts(content, f"messages[{i}].content", media)
         if not isinstance(content, str):
             raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{i}].content must be text",
                            param=f"messages[{i}].content")
@@ -356,8 +411,9 @@ class Handler(BaseHTTPRequestHandler):
         if model is not None and not isinstance(model, str):
             raise ApiError(HTTPStatus.BAD_REQUEST, "'model' must be a string", param="model")
         raw: Any = None
+        media: list[dict[str, Any]] = []
         if chat:
-            raw = chat_prompt(body.get("messages"))
+            raw = chat_prompt(body.get("messages"), media)
         else:
             raw = body.get("prompt")
             if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
@@ -372,7 +428,7 @@ class Handler(BaseHTTPRequestHandler):
         req_id = next(_ids)
         sched = self.server.scheduler
         sched.submit(reply, P.Generate(id=req_id, prompt=prompt, priority=HTTP_PRIORITY,
-                                       **fields))
+                                       media=media, **fields))
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         name = self.server.model_name
