@@ -78,7 +78,7 @@ def test_chat_prompt_folds_the_system_message_into_the_first_turn() -> None:
                         {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}])
     assert text == ("<start_of_turn>user\nS\n\nU<end_of_turn>\n<start_of_turn>model\nA"
                     "<end_of_turn>\n<start_of_turn>user\nV<end_of_turn>\n<start_of_turn>model\n")
-    with pytest.raises(ApiError, match="only text content"):
+    with pytest.raises(ApiError, match="images and audio are only read in chat messages"):
         chat_prompt([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
 
 
