@@ -79,6 +79,7 @@ class Backend(Protocol):
         doc: str = "",
         priority: int = 0,
         seed: int | None = None,
+        media: list[dict[str, Any]] | None = None,  # images / audio for the prompt's markers
     ) -> Stream: ...
 
     def warm(self, prompt: str, doc: str) -> None: ...
@@ -164,13 +165,14 @@ class EngineBackend:
 
     def start(self, prompt: str, *, max_tokens: int, temperature: float = 0.0,
               stop: list[str] | None = None, doc: str = "", priority: int = 0,
-              seed: int | None = None) -> Stream:
+              seed: int | None = None, media: list[dict[str, Any]] | None = None) -> Stream:
         from gemma_lsp.engine_client import EngineError
 
         client = self._get()
         try:
             handle = client.generate(prompt, max_tokens=max_tokens, temperature=temperature,
-                                     stop=list(stop or []), doc=doc, priority=priority, seed=seed)
+                                     stop=list(stop or []), doc=doc, priority=priority, seed=seed,
+                                     media=list(media or []))
         except EngineError as e:
             raise BackendError(str(e)) from e
         return _EngineStream(client, handle)

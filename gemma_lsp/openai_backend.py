@@ -22,23 +22,76 @@ from gemma_lsp.backend import BackendError, Finish, Scores
 MAX_STOP = 4  # what the OpenAI API accepts; the rest are applied here
 _TURN = re.compile(r"<start_of_turn>(user|model)\n(.*?)<end_of_turn>\n?", re.DOTALL)
 _OPEN_MODEL = "<start_of_turn>model\n"
+# Gemma 4's turn markers (the multimodal commands' prompts)
+_TURN4 = re.compile(r"<\|turn>(user|model)\n(.*?)<turn\|>\n?", re.DOTALL)
+_OPEN_MODEL4 = "<|turn>model\n"
+_MEDIA_MARKER = re.compile(r"<\|image\|>|<\|audio\|>")
 
 
 def chat_messages(prompt: str) -> list[dict[str, str]] | None:
     """Messages for a prompt in Gemma's chat form (user/model turns ending with an open model
-    turn), or None for a plain completion prompt."""
+    turn; Gemma 3's or Gemma 4's markers), or None for a plain completion prompt."""
     text = prompt.removeprefix("<bos>")
-    if not text.startswith("<start_of_turn>") or not text.endswith(_OPEN_MODEL):
+    turn, open_model = _TURN, _OPEN_MODEL
+    if text.startswith("<|turn>"):
+        turn, open_model = _TURN4, _OPEN_MODEL4
+    elif not text.startswith("<start_of_turn>"):
         return None
-    body = text[: -len(_OPEN_MODEL)]
+    if not text.endswith(open_model):
+        return None
+    body = text[: -len(open_model)]
     messages, at = [], 0
-    for m in _TURN.finditer(body):
+    for m in turn.finditer(body):
         if m.start() != at:
             return None
         messages.append({"role": "assistant" if m.group(1) == "model" else "user",
                          "content": m.group(2)})
         at = m.end()
     return messages if messages and at == len(body) else None
+
+
+def with_media(messages: list[dict[str, Any]], media: list[dict[str, Any]]
+               ) -> list[dict[str, Any]]:
+    """Put each image / clip where its marker is, as OpenAI content parts (image_url data
+    URL, input_audio WAV): what Ollama, llama-server and OpenAI accept."""
+    import base64
+
+    items = iter(media)
+    out = []
+    for msg in messages:
+        pieces = _MEDIA_MARKER.split(msg["content"])
+        markers = _MEDIA_MARKER.findall(msg["content"])
+        if not markers:
+            out.append(msg)
+            continue
+        parts: list[dict[str, Any]] = []
+        for text, marker in zip(pieces, [*markers, None], strict=True):
+            if text:
+                parts.append({"type": "text", "text": text})
+            if marker is None:
+                continue
+            item = next(items, None)
+            if item is None or item["kind"] != ("image" if marker == "<|image|>" else "audio"):
+                raise BackendError("the prompt's media markers do not match the media sent")
+            data = base64.b64encode(item["data"]).decode()
+            if item["kind"] == "image":
+                parts.append({"type": "image_url", "image_url": {
+                    "url": f"data:{_mime(item['data'])};base64,{data}"}})
+            else:
+                parts.append({"type": "input_audio",
+                              "input_audio": {"data": data, "format": "wav"}})
+        out.append({"role": msg["role"], "content": parts})
+    if next(items, None) is not None:
+        raise BackendError("more media were sent than the prompt has markers for")
+    return out
+
+
+def _mime(data: bytes) -> str:
+    for magic, mime in ((b"\x89PNG", "image/png"), (b"\xff\xd8", "image/jpeg"),
+                        (b"GIF8", "image/gif")):
+        if data.startswith(magic):
+            return mime
+    return "image/webp" if data[8:12] == b"WEBP" else "application/octet-stream"
 
 
 class _SSEStream:
@@ -225,7 +278,8 @@ class OpenAIBackend:
 
     def start(self, prompt: str, *, max_tokens: int, temperature: float = 0.0,
               stop: list[str] | None = None, doc: str = "", priority: int = 0,
-              seed: int | None = None) -> _SSEStream:
+              seed: int | None = None, media: list[dict[str, Any]] | None = None
+              ) -> _SSEStream:
         stop = [s for s in (stop or []) if s]
         body: dict[str, Any] = {"model": self._model(), "max_tokens": max_tokens,
                                 "temperature": temperature, "stream": True}
@@ -234,8 +288,10 @@ class OpenAIBackend:
         if seed is not None:
             body["seed"] = seed
         messages = chat_messages(prompt)
+        if media and messages is None:
+            raise BackendError("images and audio need a chat prompt (a chat model)")
         if messages is not None:
-            body["messages"] = messages
+            body["messages"] = with_media(messages, media) if media else messages
             path = "/chat/completions"
         else:
             body["prompt"] = prompt

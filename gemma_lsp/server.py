@@ -20,6 +20,7 @@ from gemma_lsp.completion import CompletionService
 from gemma_lsp.config import ServerOptions, parse_options
 from gemma_lsp.documents import DocumentStore
 from gemma_lsp.engine_status import StartNotifier
+from gemma_lsp.multimodal import MULTIMODAL_COMMANDS, MultimodalService
 from gemma_lsp.next_edit_service import ACCEPT_COMMAND, REJECT_COMMAND, NextEditService
 from gemma_lsp.transport import DEFAULT_MAX_FRAME_BYTES, GemmaProtocol, serve_stdio, serve_tcp
 
@@ -49,6 +50,8 @@ class GemmaServer(LanguageServer):
         self.store.on_edit = self.next_edit.on_edit
         self.actions = ActionService(self.store, self.backend, lambda: self.options)
         self.commands = CommandService(self, self.actions, self.backend, self.notify)
+        self.multimodal = MultimodalService(self, self.store, self.backend, lambda: self.options,
+                                            self.commands.running, self.notify)
         self._root_uri: str | None = None
         self._classic: tuple[Any, Any] | None = None  # the completion feature while hidden
 
@@ -331,11 +334,12 @@ def create_server(backend_factory: Any = None, debug_commands: bool = False) -> 
 
     server.protocol.fm.builtin_features[t.WORKSPACE_EXECUTE_COMMAND] = execute_command
 
-    for name in COMMANDS:
+    for name in COMMANDS + MULTIMODAL_COMMANDS:
         def make(cmd: str) -> Any:
             async def run(ls: GemmaServer, *args: Any) -> Any:
+                service = ls.multimodal if cmd in MULTIMODAL_COMMANDS else ls.commands
                 try:
-                    return await ls.commands.execute(t.ExecuteCommandParams(
+                    return await service.execute(t.ExecuteCommandParams(
                         command=cmd, arguments=list(args), work_done_token=CLIENT_TOKEN.get()))
                 except ActionError as e:
                     from pygls.exceptions import JsonRpcInvalidParams
