@@ -133,3 +133,32 @@ def test_the_text_only_model_refuses_an_image(http_engine: HttpEngine) -> None:
                        match="model gemma-3-270m-q4_k_m.gguf cannot take image input: it is a "
                              "text-only model"):
         client.chat.completions.create(model="gemma", messages=messages(), max_tokens=4)  # type: ignore[arg-type]
+
+
+def test_the_openai_backend_forwards_images_and_audio(unified_engine: HttpEngine) -> None:
+    """The language server's `openai` backend turns the markers of a Gemma 4 chat prompt into
+    OpenAI content parts: through `engine --http` the answer is the socket's."""
+    from gemma_lsp.openai_backend import OpenAIBackend, chat_messages, with_media
+
+    image, clip = tu.png(40, 30, 5), tu.wav(0.2, rate=8000)
+    prompt = ("<|turn>user\nWhat is in <|image|> and what is said in <|audio|>?<turn|>\n"
+              "<|turn>model\n")
+    media = [{"kind": "image", "data": image}, {"kind": "audio", "data": clip}]
+    msgs = chat_messages(prompt)
+    assert msgs == [{"role": "user", "content": "What is in <|image|> and what is said in "
+                                                "<|audio|>?"}]
+    parts = with_media(msgs, media)[0]["content"]
+    assert [p["type"] for p in parts] == ["text", "image_url", "text", "input_audio", "text"]
+    assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
+    backend = OpenAIBackend(unified_engine.url, "tiny", TOKEN, 120)
+    stream = backend.start(prompt, max_tokens=10, media=media)
+    text = ""
+    while (piece := stream.next(120)) is not None:
+        text += piece
+    # the HTTP API renders the same messages with its own chat template: compare with that
+    http_msgs = [{"role": "user", "content": parts}]
+    assert text == over_socket(unified_engine, http_msgs, 10)
+    from gemma_lsp.backend import BackendError
+
+    with pytest.raises(BackendError, match="markers do not match"):
+        with_media(msgs, media[:1] + media[:1])
