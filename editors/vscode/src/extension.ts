@@ -8,6 +8,7 @@ import {
   TransportKind,
 } from "vscode-languageclient/node";
 import { NextEdits } from "./nextEdit";
+import { registerMultimodal } from "./multimodal";
 
 let client: LanguageClient | undefined;
 let status: vscode.StatusBarItem;
@@ -157,6 +158,12 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       });
       await vscode.window.showTextDocument(doc, { preview: true });
     }),
+    ...registerMultimodal(run, (listener) =>
+      client?.onNotification("$/progress", (p: { value?: { kind?: string; message?: string } }) => {
+        if (p.value?.kind === "report" && p.value.message) {
+          listener(p.value.message);
+        }
+      })),
     vscode.workspace.onDidChangeConfiguration((e) => {
       if (e.affectsConfiguration("gemma") && client) {
         void client.sendNotification("workspace/didChangeConfiguration", { settings: settings() });

@@ -262,6 +262,8 @@ local function user_commands()
   vim.api.nvim_create_user_command("GemmaCancel", function()
     command("gemma.cancel", {})
   end, {})
+  require("gemma_lsp.multimodal").commands({ command = command, show_float = show_float,
+    range_args = range_args })
 end
 
 function M.setup(opts)
