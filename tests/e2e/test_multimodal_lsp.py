@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,26 +37,10 @@ NOTES = ("# Design\n\nThe login screen:\n\n![login](shots/login.png)\n\n"
 
 
 def start_engine(runtime: Path, *args: str) -> subprocess.Popen[bytes]:
-    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
-    log = (runtime / "engine.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gemma_lsp", "engine", "--no-persist", "--idle-timeout", "0",
-         *args], env=dict(ENV, GEMMA_LSP_RUNTIME_DIR=str(runtime)), stdout=log,
-        stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while not (runtime / "engine.sock").exists():
-        assert proc.poll() is None, (runtime / "engine.log").read_text()
-        assert time.monotonic() < deadline, "engine did not start"
-        time.sleep(0.1)
-    return proc
+    return tu.start_engine(runtime, ENV, *args)  # type: ignore[no-any-return]
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+stop = tu.stop_engine
 
 
 @pytest.fixture(scope="module", autouse=True)

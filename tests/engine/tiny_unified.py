@@ -131,3 +131,34 @@ def wav(seconds: float, rate: int = 16_000, channels: int = 1, bits: int = 16,
     body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
     body += b"data" + struct.pack("<I", len(data)) + data + (b"\0" if len(data) % 2 else b"")
     return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def start_engine(runtime: Path, env: dict[str, str], *args: str) -> Any:
+    """A real `gemma-lsp engine` with its socket in `runtime` (made private); returns the
+    process once the socket exists."""
+    import subprocess
+    import sys
+    import time
+
+    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log = (runtime / "engine.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gemma_lsp", "engine", "--no-persist", "--idle-timeout", "0",
+         *args], env=dict(env, GEMMA_LSP_RUNTIME_DIR=str(runtime)), stdout=log,
+        stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not (runtime / "engine.sock").exists():
+        assert proc.poll() is None, (runtime / "engine.log").read_text()
+        assert time.monotonic() < deadline, "engine did not start"
+        time.sleep(0.1)
+    return proc
+
+
+def stop_engine(proc: Any) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
