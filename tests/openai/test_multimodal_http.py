@@ -37,8 +37,8 @@ def unified_engine() -> Iterator[HttpEngine]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gemma_lsp", "engine", "--no-persist", "--idle-timeout", "0",
              "--model", str(run / "tiny-gemma4-unified"), "--socket", str(run / "engine.sock"),
-             "--http", f"127.0.0.1:{port}", "--http-token", TOKEN],
-            env=dict(os.environ, GEMMA_LSP_RUNTIME_DIR=str(run),
+             "--http", f"127.0.0.1:{port}"],
+            env=dict(os.environ, GEMMA_LSP_RUNTIME_DIR=str(run), GEMMA_LSP_HTTP_TOKEN=TOKEN,
                      GEMMA_LSP_CACHE=str(run / "cache")), stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while not (run / "engine.sock").exists() or not _up(port):
