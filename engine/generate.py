@@ -1,7 +1,9 @@
-"""Prefill, decode one token, and generate with stop rules; cancellation between steps.
+"""Prefill, decode one token, speculate (verify drafts), and generate with stop rules;
+cancellation between steps.
 
 These are the only functions that drive the forward pass; sampling is delegated to
-`engine.sampling`, K/V lives in an `engine.kv_cache.KVCache` the caller may reuse.
+`engine.sampling`, drafting to `engine.speculate`, K/V lives in an `engine.kv_cache.KVCache`
+the caller may reuse.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from engine.kv_cache import KVCache
 from engine.model import Cancelled, forward
 from engine.runtime import Model
 from engine.sampling import Sampler, SamplingParams, top_logprobs
+from engine.speculate import ForwardCost, PromptLookup, Speculator
 from engine.tokenizer import IncrementalDecoder
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -29,6 +32,7 @@ class GenerateOptions:
     stop_ids: frozenset[int] | None = None  # None: the tokenizer's end tokens
     top_logprobs: int = 0  # also report this many alternatives per step
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    speculate: bool = False  # draft by prompt lookup and verify drafts in batches
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -107,6 +111,79 @@ def decode_one(model: Model, kv: KVCache, token_id: int) -> np.ndarray:
     out = forward(model.config, model.weights, [token_id], kv, logits="last")
     assert out is not None
     return out
+
+
+def speculate(
+    model: Model,
+    kv: KVCache,
+    stream: TokenStream,
+    last: int,
+    drafts: Sequence[int],
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    hidden_out: np.ndarray | None = None,
+) -> list[Step]:
+    """Feed `last` (the newest emitted token) and `drafts` in one batched forward; emit
+    tokens row by row through `stream` while the drafts match what it picks.
+
+    Row i holds the logits after `last` and the first i drafts, exactly what plain decoding
+    would compute once those tokens were emitted, so `stream` samples from each the way it
+    would have (greedy: identical ids). With sampling, drawing the token from the target
+    distribution and accepting the draft iff it equals the draw is speculative sampling for a
+    deterministic draft: the draft is accepted with probability p(draft), and otherwise the
+    token is distributed as p with the draft removed, renormalised; a seed gives the same
+    text as plain decoding. With no drafts this is one plain decode step.
+
+    Afterwards `kv` holds `last` and the accepted drafts only: the rejected drafts' K/V is cut
+    back (`truncate`), so nothing of them can reach a prompt cache. Raises Cancelled between
+    layers if `should_stop()` turns true; `kv` is then as it was before the call.
+    `hidden_out` (1 + k, d), if given, receives each row's final-normed hidden state.
+    """
+    start = kv.length
+    rows = forward(model.config, model.weights, [last, *drafts], kv, logits="all",
+                   should_stop=should_stop, hidden_out=hidden_out)  # (1 + k, V)
+    assert rows is not None
+    steps: list[Step] = []
+    used = 0  # rows whose input token is right (last, then accepted drafts)
+    for i in range(len(drafts) + 1):
+        used = i + 1
+        step = stream.step(rows[i])
+        if step is None:
+            break
+        steps.append(step)
+        if stream.done or i == len(drafts) or step.token_id != drafts[i]:
+            break
+    kv.truncate(start + used)
+    return steps
+
+
+def decode_step(
+    model: Model,
+    kv: KVCache,
+    stream: TokenStream,
+    last: int,
+    spec: Speculator | None,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[Step]:
+    """One unit of decoding after `last` was emitted: a verify step if `spec` drafts, else a
+    plain step; tells `spec` what happened (timing, acceptance, emitted tokens)."""
+    room = min(kv.capacity - kv.length, stream.max_new - len(stream.ids)) - 1
+    drafts = spec.drafts(room) if spec is not None and room > 0 else []
+    hidden = (np.empty((1 + len(drafts), model.config.d_model), dtype=np.float32)
+              if spec is not None and spec.needs_hidden else None)
+    t0 = time.perf_counter()
+    steps = speculate(model, kv, stream, last, drafts, should_stop=should_stop,
+                      hidden_out=hidden)
+    if spec is not None:
+        accepted = 0
+        while (accepted < min(len(steps), len(drafts))
+               and steps[accepted].token_id == drafts[accepted]):
+            accepted += 1
+        spec.observe(len(drafts), accepted, 1 + len(drafts), time.perf_counter() - t0)
+        h = hidden[len(steps) - 1] if hidden is not None and steps else None
+        spec.append([s.token_id for s in steps], h)
+    return steps
 
 
 class StopStringFilter:
@@ -209,8 +286,10 @@ def generate(
     *,
     kv: KVCache | None = None,
     should_stop: Callable[[], bool] | None = None,
+    speculator: Speculator | None = None,
 ) -> Iterator[Step | Final]:
-    """Prefill the prompt (reusing what `kv` already holds of its prefix), then sample.
+    """Prefill the prompt (reusing what `kv` already holds of its prefix), then sample;
+    with `opts.speculate` (or a `speculator`) drafts are verified in batched steps.
 
     Yields a Step per token and one Final at the end. Raises engine.model.Cancelled when
     `should_stop()` turns true (checked between layers and between steps).
@@ -234,17 +313,22 @@ def generate(
     )
     prefill_s = time.perf_counter() - t0
 
+    spec = speculator
+    if spec is None and opts.speculate:
+        spec = Speculator(PromptLookup(prompt_ids), ForwardCost())
     t1 = time.perf_counter()
-    while True:
-        step = stream.step(logits)
-        if step is None:
-            break
-        yield step
+    first = stream.step(logits)
+    steps = [] if first is None else [first]
+    if spec is not None:
+        spec.append([s.token_id for s in steps])
+    while steps:
+        yield from steps
         if stream.done:
             break
         if should_stop is not None and should_stop():
             raise Cancelled()
-        logits = decode_one(model, kv, step.token_id)
+        steps = decode_step(model, kv, stream, steps[-1].token_id, spec,
+                            should_stop=should_stop)
     decode_s = time.perf_counter() - t1
     tail = stream.finish()
     yield Final(

@@ -428,7 +428,8 @@ class Handler(BaseHTTPRequestHandler):
         req_id = next(_ids)
         sched = self.server.scheduler
         sched.submit(reply, P.Generate(id=req_id, prompt=prompt, priority=HTTP_PRIORITY,
-                                       media=media, **fields))
+                                       media=media, kind="chat" if chat else "completion",
+                                       **fields))
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         name = self.server.model_name

@@ -246,6 +246,7 @@ def forward(
     logits: Literal["last", "all", "none"] = "last",
     should_stop: Callable[[], bool] | None = None,
     soft: Sequence[SoftSpan] = (),
+    hidden_out: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """Run `tokens` at positions kv.length.. ; append their K/V; return logits where asked.
 
@@ -253,6 +254,8 @@ def forward(
     layers if `should_stop()` turns true; the cache then keeps only what it had before.
     Negative ids are soft tokens (images, audio), embedded from the `soft` spans that cover
     them; an image's span must lie wholly inside or outside this chunk.
+    `hidden_out` (T, d), if given, receives the final-normed hidden state of every row (what
+    a Gemma 4 assistant drafts from).
     """
     ids = np.asarray(tokens, dtype=np.int64)  # (T,)
     T = ids.shape[0]
@@ -323,6 +326,8 @@ def forward(
         return None
 
     # final norm and tied LM head, only where logits are needed
+    if hidden_out is not None:
+        hidden_out[:] = rmsnorm(x, w.final_norm, cfg.norm_eps)  # (T, d)
     xs = x[-1:] if logits == "last" else x  # (T', d)
     out = rmsnorm(xs, w.final_norm, cfg.norm_eps) @ w.tok_embd_t  # (T', V)
     if cfg.final_logit_softcap is not None:

@@ -98,6 +98,8 @@ class Generate(Message):
     # images / audio for `<|image|>` / `<|audio|>` markers in the prompt, in order:
     # {"kind": "image" | "audio", "data": encoded file bytes, "max_soft_tokens": int (images)}
     media: list[dict[str, Any]] = field(default_factory=list)
+    kind: str = ""  # what the request is for (completion, refactor, docstring, chat...): stats
+    speculate: bool = True  # let the engine draft and verify several tokens per step
 
 
 @dataclass
@@ -281,6 +283,8 @@ def _check_types(msg: Message) -> None:
             ok = isinstance(value, _SCALARS[t]) and not isinstance(value, bool)
         elif t == "str":
             ok = isinstance(value, str)
+        elif t == "bool":
+            ok = isinstance(value, bool)
         elif t.startswith("list"):
             ok = isinstance(value, list)
         elif t.startswith("dict"):

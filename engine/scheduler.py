@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from engine import protocol as P
-from engine.generate import GenerateOptions, TokenStream, check_prompt_length, decode_one
+from engine.generate import GenerateOptions, TokenStream, check_prompt_length, decode_step
 from engine.kv_cache import KVCache
 from engine.model import Cancelled, forward
 from engine.multimodal import SoftSpan, build_prompt, chunk_end, refusal, safe_prefix
@@ -35,6 +35,7 @@ from engine.prompt_cache import Match, PromptCache
 from engine.runtime import Model
 from engine.sampling import SamplingParams
 from engine.scoring import score
+from engine.speculate import Drafter, ForwardCost, PromptLookup, SpecStats, Speculator
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class Job:
     continuations: list[list[int]] = field(default_factory=list)  # score: token ids after ids
     cont_text: list[str] = field(default_factory=list)
     spans: tuple[SoftSpan, ...] = ()  # images / audio: soft tokens at negative key ids
+    task: str = ""  # what the request is for (completion, refactor, chat...): speculation stats
 
     @property
     def cancelled(self) -> bool:
@@ -99,10 +101,14 @@ class Scheduler:
         chunk_target_s: float = CHUNK_TARGET_S,
         age_s: float = AGE_S,
         max_active: int = MAX_ACTIVE,
+        draft_model: Any = None,
     ) -> None:
         assert interactive_chunk > 0 and background_chunk > 0 and max_active > 0
         self.model = model
         self.cache = cache
+        self.draft_model = draft_model  # an engine.assistant.Assistant, or None: prompt lookup
+        self.forward_cost = ForwardCost()  # measured forward time by rows: when drafts pay
+        self.spec_stats = SpecStats()
         self.interactive_chunk = interactive_chunk  # the largest chunk (a lone fast machine)
         self.background_chunk = background_chunk
         self.chunk_target_s = chunk_target_s
@@ -218,6 +224,10 @@ class Scheduler:
             "tokens_evaluated": self._evaluated,
             "tokens_reused": self._reused,
             "prefill_chunk": self._chunk(INTERACTIVE),
+            "speculation": self.spec_stats.as_dict(),
+            "drafter": ("prompt lookup" if self.draft_model is None else
+                        f"assistant {self.draft_model.name} (prompt lookup when it has no draft)"),
+            "forward_ms_by_rows": self.forward_cost.snapshot(),
             "queue": queue,
         }
 
@@ -251,10 +261,11 @@ class Scheduler:
             sampling=SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed),
             stop_strings=tuple(msg.stop),
             top_logprobs=msg.logprobs,
+            speculate=msg.speculate,
         )
         deadline = now + msg.deadline_ms / 1000 if msg.deadline_ms > 0 else None
         return Job(client, msg.id, "generate", ids, msg.priority, msg.doc, opts, now, deadline,
-                   next(self._seq), spans=spans)
+                   next(self._seq), spans=spans, task=msg.kind)
 
     def _make_score_job(self, client: Client, msg: P.Score) -> Job:
         """The prompt's tokens, and each continuation's tokens after the part of the prompt
@@ -518,34 +529,42 @@ class Scheduler:
                                      queue_ms=(t_start - job.arrival) * 1000))
             return
 
-        # decode, one token per unit; the first token comes out of the prefill's logits
+        # decode, one step per unit (a plain token, or verified drafts); the first token
+        # comes out of the prefill's logits
         assert logits is not None
         stream = TokenStream(model, job.opts, max_new)
+        spec = (Speculator(self._drafter(job.ids, kv), self.forward_cost)
+                if job.opts.speculate else None)
         first_token_ms = 0.0
         t_dec = time.perf_counter()
-        while True:
-            if job.deadline is not None and time.monotonic() > job.deadline and stream.ids:
-                stream.reason = "deadline"
-                break
-            step = stream.step(logits)
-            if step is None:
-                break
-            if not first_token_ms:
-                first_token_ms = (time.monotonic() - job.arrival) * 1000
-            if not _send(job.client, P.Token(job.req_id, step.token_id, step.text, step.logprob,
-                                             [[float(i), lp] for i, lp in step.top])):
-                job.cancel_code = P.E_CANCELLED  # the client is gone
-                raise Cancelled()
+        step = stream.step(logits)
+        steps = [] if step is None else [step]
+        if spec is not None:
+            spec.append([s.token_id for s in steps])
+        while steps:
+            for step in steps:
+                if not first_token_ms:
+                    first_token_ms = (time.monotonic() - job.arrival) * 1000
+                if not _send(job.client, P.Token(job.req_id, step.token_id, step.text,
+                                                 step.logprob,
+                                                 [[float(i), lp] for i, lp in step.top])):
+                    job.cancel_code = P.E_CANCELLED  # the client is gone
+                    raise Cancelled()
             if stream.done:
                 break
             yield
             if job.cancelled:
                 raise Cancelled()
-            logits = decode_one(model, kv, step.token_id)
+            if job.deadline is not None and time.monotonic() > job.deadline:
+                stream.reason = "deadline"
+                break
+            steps = decode_step(model, kv, stream, steps[-1].token_id, spec,
+                                should_stop=lambda: job.cancelled)
         decode_s = time.perf_counter() - t_dec
         if len(stream.ids) > 4:
             self._decode_tok_s = _ema(self._decode_tok_s, (len(stream.ids) - 1) / decode_s)
         tail = stream.finish()
+        self.spec_stats.add(job.task, spec, len(stream.ids))
         self.cache.insert(kv)  # the generated text is likely the next prompt's prefix
         self._served += 1
         _send(job.client, P.Done(
@@ -554,6 +573,12 @@ class Scheduler:
             queue_ms=(t_start - job.arrival) * 1000, prefill_ms=prefill_s * 1000,
             first_token_ms=first_token_ms, decode_ms=decode_s * 1000, n_tokens=len(stream.ids),
         ))
+
+    def _drafter(self, prompt: np.ndarray, kv: KVCache) -> Drafter:
+        """Where drafts come from: the assistant model if one is loaded, else prompt lookup."""
+        if self.draft_model is not None:
+            return self.draft_model.drafter(self.model, kv, prompt)
+        return PromptLookup(prompt.tolist())
 
 
 def _common_len(a: list[int], b: list[int]) -> int:

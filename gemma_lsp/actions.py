@@ -186,7 +186,8 @@ class ActionService:
         insertion = (docstring_insertion(self.context(sel), sel.text, doc.language_id)
                      if kind == "docstring" else None)
         if insertion is not None:  # write the doc comment in place: reliable even for base models
-            answer = await self.generate(insertion.prompt, insertion.stop, on_text, scope)
+            answer = await self.generate(insertion.prompt, insertion.stop, on_text, scope,
+                                         kind=kind)
             doc = self._doc(uri, sel.doc.version)
             if not answer.strip():
                 raise ActionError("Gemma wrote no documentation for this selection")
@@ -246,7 +247,7 @@ class ActionService:
             if on_text is not None:
                 on_text(explanation_text(ins, so_far, lang))
 
-        answer = await self.generate(ins.prompt, ins.stop, shown, scope)
+        answer = await self.generate(ins.prompt, ins.stop, shown, scope, kind="explain")
         text = explanation_text(ins, answer, lang)
         if not answer.strip():
             raise ActionError("Gemma wrote no explanation for this selection")
@@ -259,7 +260,7 @@ class ActionService:
         few-shot prompt is asked again with other examples, then refused."""
         for attempt in range(tries):
             prompt, stop, examples = self.prompt(kind, sel, instruction, diagnostics, attempt)
-            text = await self.generate(prompt, stop, on_text, scope)
+            text = await self.generate(prompt, stop, on_text, scope, kind=kind)
             own = sel.doc.text[max(0, sel.start - 4000): sel.end + 4000]
             if not examples or copies_example(text, examples, own) is None:
                 return text
@@ -287,13 +288,13 @@ class ActionService:
 
     async def generate(self, prompt: str, stop: list[str],
                        on_text: Callable[[str], None] | None,
-                       scope: CancelScope | None = None) -> str:
+                       scope: CancelScope | None = None, kind: str = "") -> str:
         opts = self.options().actions
         scope = scope or CancelScope()
         try:
             stream = await astart(
                 self.backend(), prompt, max_tokens=opts.max_tokens,
-                temperature=opts.temperature, stop=stop, priority=ACTION_PRIORITY,
+                temperature=opts.temperature, stop=stop, priority=ACTION_PRIORITY, kind=kind,
             )
             scope.streams.add(stream)
             if scope.cancelled:

@@ -80,6 +80,7 @@ class Backend(Protocol):
         priority: int = 0,
         seed: int | None = None,
         media: list[dict[str, Any]] | None = None,  # images / audio for the prompt's markers
+        kind: str = "",
     ) -> Stream: ...
 
     def warm(self, prompt: str, doc: str) -> None: ...
@@ -165,14 +166,15 @@ class EngineBackend:
 
     def start(self, prompt: str, *, max_tokens: int, temperature: float = 0.0,
               stop: list[str] | None = None, doc: str = "", priority: int = 0,
-              seed: int | None = None, media: list[dict[str, Any]] | None = None) -> Stream:
+              seed: int | None = None, media: list[dict[str, Any]] | None = None,
+              kind: str = "") -> Stream:
         from gemma_lsp.engine_client import EngineError
 
         client = self._get()
         try:
             handle = client.generate(prompt, max_tokens=max_tokens, temperature=temperature,
                                      stop=list(stop or []), doc=doc, priority=priority, seed=seed,
-                                     media=list(media or []))
+                                     media=list(media or []), kind=kind)
         except EngineError as e:
             raise BackendError(str(e)) from e
         return _EngineStream(client, handle)

@@ -265,6 +265,7 @@ class CompletionService:
             stream = await astart(
                 self.backend(), prompt, max_tokens=opts.max_tokens,
                 temperature=temperature, stop=stop, doc=uri, priority=0, seed=seed,
+                kind="completion",
             )
             self.stats.engine_calls += 1
             pieces = astream(stream)

@@ -278,8 +278,8 @@ class OpenAIBackend:
 
     def start(self, prompt: str, *, max_tokens: int, temperature: float = 0.0,
               stop: list[str] | None = None, doc: str = "", priority: int = 0,
-              seed: int | None = None, media: list[dict[str, Any]] | None = None
-              ) -> _SSEStream:
+              seed: int | None = None, media: list[dict[str, Any]] | None = None,
+              kind: str = "") -> _SSEStream:
         stop = [s for s in (stop or []) if s]
         body: dict[str, Any] = {"model": self._model(), "max_tokens": max_tokens,
                                 "temperature": temperature, "stream": True}
