@@ -168,11 +168,11 @@ def decode_step(
 ) -> list[Step]:
     """One unit of decoding after `last` was emitted: a verify step if `spec` drafts, else a
     plain step; tells `spec` what happened (timing, acceptance, emitted tokens)."""
+    t0 = time.perf_counter()  # the cost of a step includes drafting it
     room = min(kv.capacity - kv.length, stream.max_new - len(stream.ids)) - 1
     drafts = spec.drafts(room) if spec is not None and room > 0 else []
     hidden = (np.empty((1 + len(drafts), model.config.d_model), dtype=np.float32)
               if spec is not None and spec.needs_hidden else None)
-    t0 = time.perf_counter()
     steps = speculate(model, kv, stream, last, drafts, should_stop=should_stop,
                       hidden_out=hidden)
     if spec is not None:
