@@ -43,6 +43,8 @@ class DaemonOptions:
     http: HttpOptions | None = None  # also serve the OpenAI-compatible API (engine.http_api)
     client_buffer_kb: int = 256  # replies queued for a client before its work pauses
     client_stall_s: float = 30.0  # a paused client that reads nothing this long is dropped
+    draft_model: str | None = None  # a Gemma 4 assistant to draft with (None: prompt lookup)
+    speculate: bool = True  # False: never draft, whatever requests ask
 
     def __post_init__(self) -> None:
         if self.client_buffer_kb < 4:
@@ -295,7 +297,15 @@ class Daemon:
                 remove_stale_temps(self.cache_file.parent)  # a save killed half-way
                 if self.cache.load(self.cache_file, self.model.fingerprint):
                     log.info("prompt cache loaded: %d tokens", self.cache.n_tokens)
-            self.scheduler = Scheduler(self.model, self.cache)
+            draft = None
+            if self.opts.draft_model:
+                from engine.assistant import Assistant
+
+                draft = Assistant.load(self.opts.draft_model)
+                draft.check_target(cfg)
+                log.info("drafting with the assistant %s", draft.name)
+            self.scheduler = Scheduler(self.model, self.cache, draft_model=draft,
+                                       speculate=self.opts.speculate)
             self.scheduler.start()
             listener = self._listen()
             http = self._serve_http()

@@ -102,11 +102,13 @@ class Scheduler:
         age_s: float = AGE_S,
         max_active: int = MAX_ACTIVE,
         draft_model: Any = None,
+        speculate: bool = True,
     ) -> None:
         assert interactive_chunk > 0 and background_chunk > 0 and max_active > 0
         self.model = model
         self.cache = cache
         self.draft_model = draft_model  # an engine.assistant.Assistant, or None: prompt lookup
+        self.speculate = speculate  # False: requests never draft
         self.forward_cost = ForwardCost()  # measured forward time by rows: when drafts pay
         self.spec_stats = SpecStats()
         self.interactive_chunk = interactive_chunk  # the largest chunk (a lone fast machine)
@@ -225,8 +227,8 @@ class Scheduler:
             "tokens_reused": self._reused,
             "prefill_chunk": self._chunk(INTERACTIVE),
             "speculation": self.spec_stats.as_dict(),
-            "drafter": ("prompt lookup" if self.draft_model is None else
-                        f"assistant {self.draft_model.name} (prompt lookup when it has no draft)"),
+            "drafter": ("off" if not self.speculate else "prompt lookup"
+                        if self.draft_model is None else f"assistant {self.draft_model.name}"),
             "forward_ms_by_rows": self.forward_cost.snapshot(),
             "queue": queue,
         }
@@ -534,7 +536,7 @@ class Scheduler:
         assert logits is not None
         stream = TokenStream(model, job.opts, max_new)
         spec = (Speculator(self._drafter(job.ids, kv), self.forward_cost)
-                if job.opts.speculate else None)
+                if job.opts.speculate and self.speculate else None)
         first_token_ms = 0.0
         t_dec = time.perf_counter()
         step = stream.step(logits)

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--socket", type=Path, help="socket path (default: in the runtime dir)")
     e.add_argument("--idle-timeout", type=float, default=1800.0,
                    help="exit after this many seconds without clients (0 = never)")
+    e.add_argument("--draft-model", help="a Gemma 4 assistant (MTP) checkpoint directory or "
+                   "cached repo id to draft with (default: prompt lookup)")
+    e.add_argument("--no-speculate", action="store_true",
+                   help="never draft: decode one token per step")
     e.add_argument("--cache-mb", type=int, default=512, help="prompt cache budget in MB")
     e.add_argument("--no-persist", action="store_true", help="do not load/save the cache")
     e.add_argument("--cache-file", type=Path, help="where the prompt cache is saved")
@@ -241,7 +245,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
             socket=args.socket, idle_timeout_s=args.idle_timeout, cache_mb=args.cache_mb,
             model=args.model, threads=args.threads, persist=not args.no_persist,
             cache_file=args.cache_file, http=http, client_buffer_kb=args.client_buffer_kb,
-            client_stall_s=args.client_stall_s,
+            client_stall_s=args.client_stall_s, draft_model=args.draft_model,
+            speculate=not args.no_speculate,
         )
         return serve(opts)
     except ValueError as e:

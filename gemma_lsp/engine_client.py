@@ -237,6 +237,7 @@ class EngineClient:
         start_wait: float | None = None,
         on_start: StartListener | None = None,
         connect: bool = True,
+        draft_model: str | None = None,
     ) -> None:
         """`start_wait`: how long a request waits for an engine that builds its model copy
         (a first start) before it fails with code "starting" (default: `start_timeout`; one
@@ -246,6 +247,7 @@ class EngineClient:
         self.path = Path(socket_path) if socket_path else P.socket_path()
         self.autostart = autostart
         self.model_path = model
+        self.draft_model = draft_model
         self.start_timeout = start_timeout
         self.start_wait = start_timeout if start_wait is None else start_wait
         self.on_start = on_start
@@ -449,6 +451,8 @@ class EngineClient:
         cmd = [sys.executable, "-m", "gemma_lsp", "engine", "--socket", str(self.path)]
         if self.model_path:
             cmd += ["--model", self.model_path]
+        if self.draft_model:
+            cmd += ["--draft-model", self.draft_model]
         return cmd
 
     def _read(self, sock: socket.socket) -> None:

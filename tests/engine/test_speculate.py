@@ -116,6 +116,15 @@ def test_stats_per_kind() -> None:
                                "tokens_per_verify_step": 0.0, "plain_steps": 0}
 
 
+def test_protocol_carries_kind_and_the_speculate_option() -> None:
+    import msgpack
+
+    msg = P.decode(P.encode(P.Generate(id=1, prompt="x", kind="refactor", speculate=False))[4:])
+    assert isinstance(msg, P.Generate) and msg.kind == "refactor" and msg.speculate is False
+    with pytest.raises(P.ProtocolError, match="speculate"):
+        P.decode(msgpack.packb({"type": "generate", "id": 1, "prompt": "x", "speculate": 1}))
+
+
 # ----------------------------------------------------------------------------- shipped model
 
 
