@@ -110,6 +110,7 @@ class Scheduler:
         self.draft_model = draft_model  # an engine.assistant.Assistant, or None: prompt lookup
         self.speculate = speculate  # False: requests never draft
         self.forward_cost = ForwardCost()  # measured forward time by rows: when drafts pay
+        self._accept: dict[str, float] = {}  # per request kind: where the last estimate ended
         self.spec_stats = SpecStats()
         self.interactive_chunk = interactive_chunk  # the largest chunk (a lone fast machine)
         self.background_chunk = background_chunk
@@ -535,7 +536,8 @@ class Scheduler:
         # comes out of the prefill's logits
         assert logits is not None
         stream = TokenStream(model, job.opts, max_new)
-        spec = (Speculator(self._drafter(job.ids, kv), self.forward_cost)
+        spec = (Speculator(self._drafter(job.ids, kv), self.forward_cost,
+                           accept=self._accept.get(job.task))
                 if job.opts.speculate and self.speculate else None)
         first_token_ms = 0.0
         t_dec = time.perf_counter()
@@ -567,6 +569,8 @@ class Scheduler:
             self._decode_tok_s = _ema(self._decode_tok_s, (len(stream.ids) - 1) / decode_s)
         tail = stream.finish()
         self.spec_stats.add(job.task, spec, len(stream.ids))
+        if spec is not None:
+            self._accept[job.task] = spec.accept  # the next request of its kind starts there
         self.cache.insert(kv)  # the generated text is likely the next prompt's prefix
         self._served += 1
         _send(job.client, P.Done(

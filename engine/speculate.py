@@ -144,14 +144,16 @@ class Speculator:
     """Per request: asks the drafter for the draft length that pays, learns acceptance."""
 
     def __init__(self, drafter: Drafter, cost: ForwardCost, max_draft: int = MAX_DRAFT,
-                 prior: float = PRIOR_ACCEPT) -> None:
+                 prior: float = PRIOR_ACCEPT, accept: float | None = None) -> None:
+        """`accept`: the starting acceptance estimate (e.g. where the last request of the
+        same kind ended), else `prior`."""
         if max_draft < 0:
             raise ValueError(f"max_draft must be >= 0, got {max_draft}")
         self.drafter = drafter
         self.cost = cost
         self.max_draft = min(max_draft, cost.max_rows - 1)
         self.prior = prior
-        self.accept = prior
+        self.accept = prior if accept is None else accept
         self.drafted = 0
         self.accepted = 0
         self.verify_steps = 0  # forwards that carried drafts

@@ -94,12 +94,15 @@ def run_ours(model: Any, ids: list[int], stop: list[str], max_tokens: int, specu
 
 
 def run_ours_spec(model: Any, ids: list[int], stop: list[str], max_tokens: int, cost: Any,
-                  kv: Any = None) -> dict[str, Any]:
-    """Speculation with one ForwardCost shared by all requests (as the daemon shares it)."""
+                  kv: Any = None, accept: dict[str, float] | None = None,
+                  kind: str = "") -> dict[str, Any]:
+    """Speculation as the daemon runs it: one ForwardCost shared by all requests, and each
+    request of a kind starting from the acceptance estimate the last one ended with."""
     from engine.generate import Final, GenerateOptions, generate
     from engine.speculate import PromptLookup, Speculator
 
-    spec = Speculator(PromptLookup(ids), cost)
+    accept = {} if accept is None else accept
+    spec = Speculator(PromptLookup(ids), cost, accept=accept.get(kind))
     opts = GenerateOptions(max_tokens=max_tokens, stop_strings=tuple(stop))
     t0 = time.perf_counter()
     final = None
@@ -107,6 +110,7 @@ def run_ours_spec(model: Any, ids: list[int], stop: list[str], max_tokens: int, 
         if isinstance(ev, Final):
             final = ev
     assert final is not None
+    accept[kind] = spec.accept
     return {"seconds": time.perf_counter() - t0, "tokens": len(final.token_ids),
             "decode_tok_s": final.decode_tok_s, "ids": list(final.token_ids),
             "text": final.text, "drafted": spec.drafted, "accepted": spec.accepted,
@@ -163,6 +167,8 @@ def main() -> int:
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp side")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: answers cut to 1/8 of their length, 5 completions")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="answer length limits times this (a loaded machine: less than 1)")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
@@ -183,7 +189,8 @@ def main() -> int:
         print("(llama-cpp-python not installed: no llama.cpp column)")
     cost = ForwardCost()
     out: dict[str, Any] = {"threads": threads, "blas": blas, "load_average_start": load[0],
-                           "source": str(src), "cases": {}}
+                           "source": str(src), "scale": 0.125 if args.quick else args.scale,
+                           "cases": {}}
 
     def save() -> None:
         if args.json:
@@ -193,7 +200,7 @@ def main() -> int:
     if args.quick:
         args.completions = min(args.completions, 5)
     for name, (prompt, stop, max_tokens) in cases(model.name, text).items():
-        max_tokens = max_tokens // 8 if args.quick else max_tokens
+        max_tokens = max_tokens // 8 if args.quick else max(8, int(max_tokens * args.scale))
         ids = model.tokenizer.encode(prompt, add_bos=True)
         plain = run_ours(model, ids, stop, max_tokens, False)
         ours = run_ours_spec(model, ids, stop, max_tokens, cost)
@@ -228,12 +235,14 @@ def main() -> int:
     kv_plain, kv_spec = model.new_kv(4096), model.new_kv(4096)
     cursors = completion_cursors(text, args.completions)
     drafted = accepted = 0
+    accept: dict[str, float] = {}
     for off in cursors:
         prompt, _ = completion_prompt(CompletionContext(prefix=text[:off],
                                                         language_id="python"), template)
         ids = model.tokenizer.encode(prompt, add_bos=True)
         a = run_ours(model, ids, ["\n"], 48, False, kv=kv_plain)
-        b = run_ours_spec(model, ids, ["\n"], 48, cost, kv=kv_spec)
+        b = run_ours_spec(model, ids, ["\n"], 48, cost, kv=kv_spec, accept=accept,
+                          kind="completion")
         lat["plain"].append(a["seconds"])
         lat["speculative"].append(b["seconds"])
         drafted += b["drafted"]

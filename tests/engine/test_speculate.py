@@ -87,6 +87,8 @@ def test_draft_length_follows_acceptance_and_cost() -> None:
     assert Speculator(PromptLookup([1, 2]), dear, prior=0.9).draft_length() == 0
     low = Speculator(PromptLookup([1, 2]), cheap, prior=0.05)
     assert low.draft_length() == 0  # switched off where it does not pay
+    # a request may start where the last one of its kind ended
+    assert Speculator(PromptLookup([1, 2]), cheap, accept=0.05).draft_length() == 0
     for _ in range(10):  # repeated misses lower the estimate until drafting stops
         s.observe(drafted=4, accepted=0, rows=5, seconds=0.014)
     assert s.draft_length() == 0
