@@ -167,6 +167,8 @@ def main() -> int:
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp side")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: answers cut to 1/8 of their length, 5 completions")
+    ap.add_argument("--cases", default="refactor,docstring,chat,completions",
+                    help="which cases to run (comma-separated)")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="answer length limits times this (a loaded machine: less than 1)")
     args = ap.parse_args()
@@ -174,8 +176,6 @@ def main() -> int:
 
     from engine.runtime import Model, pin_blas_threads
     from engine.speculate import ForwardCost
-    from gemma_lsp.context import CompletionContext
-    from gemma_lsp.prompts import completion_prompt, template_for_model
 
     blas, threads = pin_blas_threads(args.threads)
     model = Model.load()
@@ -199,7 +199,10 @@ def main() -> int:
     # (a), (b), (d): long answers, decode tok/s
     if args.quick:
         args.completions = min(args.completions, 5)
+    wanted = set(args.cases.split(","))
     for name, (prompt, stop, max_tokens) in cases(model.name, text).items():
+        if name not in wanted:
+            continue
         max_tokens = max_tokens // 8 if args.quick else max(8, int(max_tokens * args.scale))
         ids = model.tokenizer.encode(prompt, add_bos=True)
         plain = run_ours(model, ids, stop, max_tokens, False)
@@ -228,12 +231,39 @@ def main() -> int:
               + ("" if row["identical_to_plain"] else "  OUTPUT DIFFERS"))
         save()
 
-    # (c) completions: first line at cursors through the file, K/V of the file reused
+    if "completions" in wanted:
+        bench_completions(model, text, args.completions, cost, llm, out)
+    c = out["cases"]
+    speedups = [c[k]["speedup_vs_plain"] for k in ("refactor", "docstring", "chat") if k in c]
+    if "completions" in c:
+        speedups.append(1.0 / c["completions"]["p50_vs_plain"])
+        out["completion_first_line_p50_vs_plain"] = c["completions"]["p50_vs_plain"]
+    if "refactor" in c:
+        out["refactor_speedup_vs_plain"] = c["refactor"]["speedup_vs_plain"]
+        out["refactor_vs_llamacpp_lookup"] = c["refactor"].get("vs_llamacpp_lookup")
+    out["min_speedup_vs_plain"] = round(min(speedups), 3) if speedups else None
+    out["forward_ms_by_rows"] = cost.snapshot()  # the per-verify cost (1 row = a decode step)
+    out["load_average_end"] = os.getloadavg()[0]
+    print("forward ms by rows (1 = plain decode step):", out["forward_ms_by_rows"])
+    print(f"refactor {out.get('refactor_speedup_vs_plain')}x plain, "
+          f"{out.get('refactor_vs_llamacpp_lookup')}x llama.cpp lookup; completion p50 "
+          f"{out.get('completion_first_line_p50_vs_plain')}x plain; min speed-up "
+          f"{out['min_speedup_vs_plain']}x")
+    save()
+    return 0
+
+
+def bench_completions(model: Any, text: str, n: int, cost: Any, llm: Any,
+                      out: dict[str, Any]) -> None:
+    """(c): first line at cursors through the file, the K/V of the file so far reused."""
+    from gemma_lsp.context import CompletionContext
+    from gemma_lsp.prompts import completion_prompt, template_for_model
+
     template = template_for_model(model.name)
     lat: dict[str, list[float]] = {"plain": [], "speculative": [], "llamacpp_lookup": []}
     same = 0
     kv_plain, kv_spec = model.new_kv(4096), model.new_kv(4096)
-    cursors = completion_cursors(text, args.completions)
+    cursors = completion_cursors(text, n)
     drafted = accepted = 0
     accept: dict[str, float] = {}
     for off in cursors:
@@ -264,22 +294,6 @@ def main() -> int:
           + (f", llama.cpp lookup {p50['llamacpp_lookup']:.0f} ms" if llm is not None else "")
           + f"; {same}/{len(cursors)} identical, {accepted}/{drafted} drafts accepted")
 
-    c = out["cases"]
-    speedups = [c[k]["speedup_vs_plain"] for k in ("refactor", "docstring", "chat")]
-    speedups.append(1.0 / comp["p50_vs_plain"])
-    out["refactor_speedup_vs_plain"] = c["refactor"]["speedup_vs_plain"]
-    out["refactor_vs_llamacpp_lookup"] = c["refactor"].get("vs_llamacpp_lookup")
-    out["completion_first_line_p50_vs_plain"] = comp["p50_vs_plain"]
-    out["min_speedup_vs_plain"] = round(min(speedups), 3)
-    out["forward_ms_by_rows"] = cost.snapshot()  # the per-verify cost (1 row = a decode step)
-    out["load_average_end"] = os.getloadavg()[0]
-    print("forward ms by rows (1 = plain decode step):", out["forward_ms_by_rows"])
-    print(f"refactor {out['refactor_speedup_vs_plain']}x plain, "
-          f"{out['refactor_vs_llamacpp_lookup']}x llama.cpp lookup; completion p50 "
-          f"{out['completion_first_line_p50_vs_plain']}x plain; min speed-up "
-          f"{out['min_speedup_vs_plain']}x")
-    save()
-    return 0
 
 
 if __name__ == "__main__":
