@@ -6,11 +6,11 @@ n-gram match in the prompt (document, selection being rewritten) and the text ge
 far: refactors, docstrings and repetitive completions copy most of their text.
 
 The index is a hash of n-grams (dict: the last n tokens -> where that n-gram last ended with
-a known continuation), updated per token. Measured on this machine (scripts' scratch
-measurements, 2-core box): indexing a 2,000-token prompt for n = 1..6 takes ~3 ms, appending
-a token ~4 us, a lookup ~3 us; a pure-Python suffix automaton built the same prompt in ~6 ms
-and answered in a similar time but only yields the longest match anywhere, not the most
-recent one per length, so the hash won.
+a known continuation), updated per token. Measured here in CPU time (2,000 prompt tokens of
+the typing benchmark file, n = 2..6): building it 2.2 ms, appending a token 2.1 us, a lookup
+1.0 us. A pure-Python suffix automaton measured 2.2 ms / 2.4 us / 0.3 us, but its states
+remember the first occurrence of a match; the most recent one (what a rewrite is copying
+right now) would need a walk up the suffix links per token, so the hash won.
 
 Whether to draft, and how much, is a cost decision: with per-token acceptance rate a
 (an exponential moving average per request) a verify of k drafts emits on average
@@ -62,10 +62,16 @@ class PromptLookup:
                              f"{max_ngram}")
         self.max_n = max_ngram
         self.min_n = min_ngram
-        self.tokens: list[int] = []
-        # n-gram -> end index (exclusive) of its latest occurrence that has a continuation
+        toks = [int(t) for t in prompt]
+        self.tokens: list[int] = toks
+        # n-gram -> end index (exclusive) of its latest occurrence that has a continuation;
+        # built per n-gram size with zip (C loops), later occurrences overwriting earlier ones
         self.index: dict[tuple[int, ...], int] = {}
-        self.append(prompt)
+        last = len(toks) - 1  # the n-grams ending at len(toks) have no continuation yet
+        for n in range(min_ngram, max_ngram + 1):
+            if last >= n:
+                grams = zip(*(toks[j : last - n + j + 1] for j in range(n)), strict=True)
+                self.index.update(zip(grams, range(n, last + 1), strict=True))
 
     def append(self, tokens: Sequence[int], hidden: np.ndarray | None = None) -> None:
         """Add tokens; index the n-grams that now have a next token."""

@@ -73,6 +73,11 @@ def test_prompt_lookup_drafts_the_longest_most_recent_match_incrementally() -> N
     assert d.propose(0) == []
     with pytest.raises(ValueError, match="n-gram"):
         PromptLookup([1], max_ngram=2, min_ngram=3)
+    # the prompt's index (built per n-gram size at once) equals one built token by token
+    toks = [t % 7 for t in range(0, 400, 3)] * 2
+    one_by_one = PromptLookup([])
+    one_by_one.append(toks)
+    assert PromptLookup(toks).index == one_by_one.index
 
 
 def test_draft_length_follows_acceptance_and_cost() -> None:
