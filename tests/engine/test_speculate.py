@@ -203,6 +203,14 @@ def test_cancellation_mid_verify_leaves_the_cache_as_before(model: Any) -> None:
     assert want is not None and steps[0].token_id == int(np.argmax(want))
 
 
+class Spoiled(PromptLookup):
+    """Prompt lookup whose last draft token is replaced by another one."""
+
+    def propose(self, k: int) -> list[int]:
+        drafts = super().propose(k)
+        return drafts[:-1] + [(drafts[-1] + 7919) % 262144] if drafts else drafts
+
+
 class Collector:
     def __init__(self) -> None:
         self.q: queue.Queue[P.Message] = queue.Queue()
@@ -226,8 +234,10 @@ def test_scheduler_speculates_and_rejected_drafts_never_reach_the_prompt_cache(
     c = model.config
     cache = PromptCache(c.n_layers, c.n_kv_heads, c.head_dim, 256 << 20)
     sched = Scheduler(model, cache)
-    # draft eagerly whatever the machine's timings, so rejections surely happen
+    # draft eagerly whatever the machine's timings, and end every draft with a token the
+    # lookup did not propose (the model picks it with negligible probability): rejections
     monkeypatch.setattr("engine.scheduler.Speculator", Eager)
+    monkeypatch.setattr("engine.scheduler.PromptLookup", Spoiled)
     sched.start()
     try:
         prompt = _prompts(model)["chat"]
