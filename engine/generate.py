@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.grammar import TokenMask
 from engine.kv_cache import KVCache
 from engine.model import Cancelled, forward
 from engine.runtime import Model
@@ -33,6 +34,7 @@ class GenerateOptions:
     top_logprobs: int = 0  # also report this many alternatives per step
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     speculate: bool = False  # draft by prompt lookup and verify drafts in batches
+    grammar: str = ""  # llguidance grammar (engine.grammar); "" = unconstrained
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -241,6 +243,8 @@ class TokenStream:
         self.sampler = Sampler(opts.sampling, tok.vocab_size)
         self.detok = IncrementalDecoder(tok)
         self.stops = StopStringFilter(opts.stop_strings)
+        # the grammar mask, only for requests that ask for structure (engine.grammar)
+        self.mask = TokenMask(opts.grammar, tok) if opts.grammar else None
         self.ids: list[int] = []
         self.text: list[str] = []
         self.reason = ""  # set when done: stop, stop_string, length
@@ -255,10 +259,14 @@ class TokenStream:
         if len(self.ids) >= self.max_new:
             self.reason = "length"
             return None
+        if self.mask is not None:
+            logits = self.mask.apply(logits)  # (V,) forbidden tokens at -inf
         tid, lp = self.sampler(logits)
         if tid in self.stop_ids:
             self.reason = "stop"
             return None
+        if self.mask is not None:
+            self.mask.advance(tid)
         self.ids.append(tid)
         n_top = self.opts.top_logprobs
         top = tuple(top_logprobs(logits, n_top)) if n_top else ()
@@ -266,6 +274,8 @@ class TokenStream:
         self.text.append(piece)
         if self.stops.stopped:
             self.reason = "stop_string"
+        elif self.mask is not None and self.mask.complete:
+            self.reason = "stop"  # the grammar admits no further token
         elif len(self.ids) >= self.max_new:
             self.reason = "length"
         return Step(tid, lp, piece, top)

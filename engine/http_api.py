@@ -25,7 +25,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from engine import grammar as G
 from engine import protocol as P
+from engine import tools as T
 
 log = logging.getLogger("gemma-lsp.engine.http")
 
@@ -203,6 +205,65 @@ def content_parts(content: list[Any], where: str, media: list[dict[str, Any]] | 
     return "".join(parts)
 
 
+def message_text(i: int, content: Any, media: list[dict[str, Any]] | None = None) -> str:
+    """A message's content as text: content parts become text with a marker where each image
+    or clip goes (its file appended to `media`; refused when `media` is None)."""
+    if isinstance(content, list):
+        content = content_parts(content, f"messages[{i}].content", media)
+    if not isinstance(content, str):
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{i}].content must be text",
+                       param=f"messages[{i}].content")
+    return content
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    """A chat request's prompt and what its reply must be: tool calls, a schema, or text."""
+
+    prompt: str
+    grammar: str
+    tools: T.ToolPlan
+    family: str
+
+
+def plan_chat(body: dict[str, Any], arch: str, tok: Any,
+              media: list[dict[str, Any]] | None = None) -> ChatPlan:
+    """Prompt and grammar for a chat request: tools rendered in the model family's format,
+    `tool_choice` / `response_format` as a grammar (engine.grammar). 400s name the field."""
+    family = T.family_of(arch)
+    try:
+        plan = T.parse_tools(body)
+        schema = T.response_schema(body)
+        messages = body.get("messages")
+        if plan.active:
+            why = T.cannot_call_tools(arch, lambda t: tok.hf.token_to_id(t) is not None)
+            if why:
+                raise ApiError(HTTPStatus.BAD_REQUEST, why, "tools_unsupported", "tools")
+        uses_tools = plan.tools or (isinstance(messages, list) and any(
+            isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
+            for m in messages))
+        if uses_tools or family == "gemma4":
+            prompt = T.render(T.parse_messages(
+                messages, lambda i, c: message_text(i, c, media)), plan, family)
+        else:
+            prompt = chat_prompt(messages, media)
+    except T.RequestError as e:
+        raise ApiError(HTTPStatus.BAD_REQUEST, str(e), param=e.param) from None
+
+    def tok_id(piece: str) -> int:
+        i = tok.hf.token_to_id(piece)
+        assert i is not None, piece  # cannot_call_tools checked the vocabulary
+        return int(i)
+
+    try:
+        grammar = T.reply_grammar(plan, schema, family, tok_id) or ""
+    except G.GrammarError as e:
+        param = "response_format" if not plan.active else "tools"
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{param}: {e}", "invalid_schema",
+                       param) from None
+    return ChatPlan(prompt, grammar, plan, family)
+
+
 def chat_prompt(messages: Any, media: list[dict[str, Any]] | None = None) -> str:
     """Gemma's chat template: system text joins the first user turn; the model turn is open.
     Images and audio in content parts go to `media` (refused when it is None)."""
@@ -282,6 +343,40 @@ def _events(reply: _Reply, timeout: float,
 
 def _finish_reason(done: P.Done) -> str:
     return "length" if done.reason in ("length", "context") else "stop"
+
+
+class _ToolReply:
+    """A reply that may hold tool calls: collects ids/text, releases text known not to be a
+    call (Gemma 3 streams plain answers as they come), parses the calls at the end."""
+
+    def __init__(self, plan: ChatPlan, tok: Any) -> None:
+        self.plan, self.tok = plan, tok
+        self.ids: list[int] = []
+        self.text = ""
+        self.released = 0  # characters of text already streamed as content
+        self.plain = False  # decided: not a call
+
+    def push(self, piece: str) -> str:
+        self.text += piece
+        if not self.plain and self.plan.family == "gemma3" and self.text.strip() and \
+                not T.might_be_call(self.text):
+            self.plain = True
+        if self.plain:
+            out, self.released = self.text[self.released:], len(self.text)
+            return out
+        return ""
+
+    def parse(self, text: str) -> tuple[str | None, list[T.ToolCall]]:
+        raw = self.tok.decode(self.ids) if self.plan.family == "gemma4" else text
+        return T.parse_reply(raw, self.plan.tools, self.plan.family)
+
+    def finish(self) -> tuple[str | None, list[T.ToolCall]]:
+        if self.plain:
+            return None, []
+        content, calls = self.parse(self.text)
+        if not calls:
+            return self.text[self.released:], []
+        return content, calls
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -412,8 +507,11 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(HTTPStatus.BAD_REQUEST, "'model' must be a string", param="model")
         raw: Any = None
         media: list[dict[str, Any]] = []
+        plan: ChatPlan | None = None
         if chat:
-            raw = chat_prompt(body.get("messages"), media)
+            model_ = self.server.scheduler.model
+            plan = plan_chat(body, model_.config.arch, model_.tokenizer, media)
+            raw = plan.prompt
         else:
             raw = body.get("prompt")
             if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
@@ -429,13 +527,19 @@ class Handler(BaseHTTPRequestHandler):
         sched = self.server.scheduler
         sched.submit(reply, P.Generate(id=req_id, prompt=prompt, priority=HTTP_PRIORITY,
                                        media=media, kind="chat" if chat else "completion",
-                                       **fields))
+                                       grammar=plan.grammar if plan else "", **fields))
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         name = self.server.model_name
         events = _events(reply, self.server.timeout_s, self._client_gone)
         try:
-            if stream:
+            if plan is not None and plan.tools.active:
+                calls = _ToolReply(plan, self.server.scheduler.model.tokenizer)
+                if stream:
+                    self._stream(events, cid, created, name, chat, calls)
+                else:
+                    self._whole(events, cid, created, name, chat, calls)
+            elif stream:
                 self._stream(events, cid, created, name, chat)
             else:
                 self._whole(events, cid, created, name, chat)
@@ -443,20 +547,29 @@ class Handler(BaseHTTPRequestHandler):
             sched.cancel(reply, req_id)  # a client that went away stops the generation
 
     def _whole(self, events: Iterator[P.Token | P.Done], cid: str, created: int, name: str,
-               chat: bool) -> None:
+               chat: bool, calls: _ToolReply | None = None) -> None:
         text, n = "", 0
         done = None
         for msg in events:
             if isinstance(msg, P.Token):
                 text += msg.text
                 n += 1
+                if calls is not None:
+                    calls.ids.append(msg.token_id)
             else:
                 done = msg
                 text += msg.tail
         assert done is not None
         choice: dict[str, Any] = {"index": 0, "finish_reason": _finish_reason(done),
                                   "logprobs": None}
-        if chat:
+        if calls is not None:
+            content, found = calls.parse(text)
+            choice["message"] = {"role": "assistant", "content": content}
+            if found:
+                choice["message"]["tool_calls"] = [c.openai() for c in found]
+                if done.reason != "length":
+                    choice["finish_reason"] = "tool_calls"
+        elif chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
@@ -468,7 +581,7 @@ class Handler(BaseHTTPRequestHandler):
         })
 
     def _stream(self, events: Iterator[P.Token | P.Done], cid: str, created: int, name: str,
-                chat: bool) -> None:
+                chat: bool, calls: _ToolReply | None = None) -> None:
         first = next(events)  # errors before the first token are still a plain error reply
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/event-stream")
@@ -478,11 +591,14 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> None:
+        def chunk(text: str | None, finish: str | None, role: bool = False,
+                  tool_calls: list[dict[str, Any]] | None = None) -> None:
             if chat:
                 delta: dict[str, Any] = {"role": "assistant"} if role else {}
                 if text is not None:
                     delta["content"] = text
+                if tool_calls is not None:
+                    delta["tool_calls"] = tool_calls
                 choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "finish_reason": finish,
@@ -495,7 +611,25 @@ class Handler(BaseHTTPRequestHandler):
         if chat:
             chunk("", None, role=True)
         for msg in itertools.chain([first], events):
-            if isinstance(msg, P.Token):
+            if calls is not None:  # text may turn out to be tool calls: held back until known
+                if isinstance(msg, P.Token):
+                    calls.ids.append(msg.token_id)
+                released = calls.push(msg.text if isinstance(msg, P.Token) else msg.tail)
+                if released:
+                    chunk(released, None)
+                if isinstance(msg, P.Done):
+                    content, found = calls.finish()
+                    if content:
+                        chunk(content, None)
+                    for k, call in enumerate(found):  # name first, then the arguments
+                        head = call.openai(k)
+                        head["function"] = {"name": call.name, "arguments": ""}
+                        chunk(None, None, tool_calls=[head])
+                        chunk(None, None, tool_calls=[{"index": k, "function": {
+                            "arguments": call.arguments}}])
+                    chunk(None, "tool_calls" if found and msg.reason != "length"
+                          else _finish_reason(msg))
+            elif isinstance(msg, P.Token):
                 if msg.text:
                     chunk(msg.text, None)
             else:

@@ -100,6 +100,7 @@ class Generate(Message):
     media: list[dict[str, Any]] = field(default_factory=list)
     kind: str = ""  # what the request is for (completion, refactor, docstring, chat...): stats
     speculate: bool = True  # let the engine draft and verify several tokens per step
+    grammar: str = ""  # constrain the output to this llguidance grammar (engine.grammar)
 
 
 @dataclass

@@ -28,6 +28,7 @@ import numpy as np
 
 from engine import protocol as P
 from engine.generate import GenerateOptions, TokenStream, check_prompt_length, decode_step
+from engine.grammar import TokenMask
 from engine.kv_cache import KVCache
 from engine.model import Cancelled, forward
 from engine.multimodal import SoftSpan, build_prompt, chunk_end, refusal, safe_prefix
@@ -264,8 +265,11 @@ class Scheduler:
             sampling=SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed),
             stop_strings=tuple(msg.stop),
             top_logprobs=msg.logprobs,
-            speculate=msg.speculate,
+            speculate=msg.speculate and not msg.grammar,  # drafts are not masked
+            grammar=msg.grammar,
         )
+        if msg.grammar:  # compile it here, off the compute thread; GrammarError is a bad request
+            TokenMask(msg.grammar, self.model.tokenizer)
         deadline = now + msg.deadline_ms / 1000 if msg.deadline_ms > 0 else None
         return Job(client, msg.id, "generate", ids, msg.priority, msg.doc, opts, now, deadline,
                    next(self._seq), spans=spans, task=msg.kind)

@@ -1,0 +1,128 @@
+"""Constrained decoding: grammars compiled by llguidance, applied as a per-token mask on logits.
+
+A grammar is llguidance's serialized form (a JSON string) built from a JSON Schema or a Lark
+grammar; it travels in `Generate.grammar`. `TokenMask` holds one generation's matcher: before
+each sample it sets the logits of every token the grammar forbids to -inf, after it advances
+the matcher by the chosen token. The llguidance tokenizer is built once per engine tokenizer
+(from our exact token bytes, ~6 s at 262k vocabulary) on the first request that asks for
+structure; requests without a grammar never touch this module.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import numpy as np
+
+# compact JSON, as the chat formats render it: no whitespace freedom for a small model to abuse
+JSON_STYLE: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ",
+                              "key_separator": ": "}
+
+_lock = threading.Lock()
+_tokenizers: dict[int, Any] = {}  # id(engine Tokenizer) -> (Tokenizer, llguidance.LLTokenizer)
+
+
+class GrammarError(ValueError):
+    """A schema or grammar llguidance cannot compile (the message says why)."""
+
+
+def json_schema_grammar(schema: Any) -> str:
+    """The grammar of JSON documents matching `schema` (a dict); GrammarError if invalid."""
+    import llguidance as llg
+
+    if not isinstance(schema, dict):
+        raise GrammarError(f"a JSON Schema must be an object, got {schema!r}")
+    try:
+        grammar = llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_STYLE)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise GrammarError(f"invalid JSON Schema: {e}") from None
+    check(grammar)
+    return grammar
+
+
+def lark_grammar(text: str) -> str:
+    """A Lark grammar (llguidance's dialect: `%json {schema}` sub-grammars, `<[id]>` tokens)."""
+    import llguidance as llg
+
+    grammar = llg.LLMatcher.grammar_from_lark(text)
+    check(grammar)
+    return grammar
+
+
+def check(grammar: str) -> None:
+    """GrammarError naming the problem if llguidance cannot compile `grammar`."""
+    import llguidance as llg
+
+    error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+    if error:
+        raise GrammarError(messages[0] if messages else "invalid grammar")
+
+
+def json_literal(value: Any) -> str:
+    """`value` as a Lark string literal."""
+    return json.dumps(value)
+
+
+def ll_tokenizer(tok: Any) -> Any:
+    """llguidance's view of the engine tokenizer (built once, then cached)."""
+    key = id(tok)
+    with _lock:
+        hit = _tokenizers.get(key)
+        if hit is not None and hit[0] is tok:
+            return hit[1]
+        import llguidance as llg
+
+        wrapper = llg.TokenizerWrapper(_TokenBytes(tok))
+        lt = llg.LLTokenizer(wrapper, n_vocab=tok.vocab_size, eos_token=sorted(tok.stop_ids))
+        _tokenizers[key] = (tok, lt)
+        return lt
+
+
+class _TokenBytes:
+    """What llguidance.TokenizerWrapper reads: each id's exact bytes, specials, encode."""
+
+    def __init__(self, tok: Any) -> None:
+        self._tok = tok
+        self.eos_token_id = tok.eos_id
+        self.bos_token_id = tok.bos_id
+        self.tokens = [tok.token_bytes(i) for i in range(tok.vocab_size)]
+        self.special_token_ids = sorted(tok.special_ids)
+
+    def __call__(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_bos=False))
+
+
+class TokenMask:
+    """One generation under a grammar: mask the logits, then advance by the sampled token."""
+
+    def __init__(self, grammar: str, tok: Any) -> None:
+        import llguidance as llg
+
+        self.vocab_size = tok.vocab_size
+        self.matcher = llg.LLMatcher(ll_tokenizer(tok), grammar, log_level=0)
+        if self.matcher.is_error():
+            raise GrammarError(self.matcher.get_error())
+        self._bits = np.full((self.vocab_size + 31) // 32, -1, dtype=np.int32)  # (V/32,)
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """`logits` with every forbidden token at -inf (a new array; the input is kept)."""
+        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        assert not self.matcher.is_error(), self.matcher.get_error()
+        allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")  # (V',)
+        allowed = allowed[: self.vocab_size].view(bool)  # (V,)
+        return np.where(allowed, logits[: self.vocab_size], np.float32(-np.inf))  # (V,)
+
+    def advance(self, token_id: int) -> None:
+        ok = self.matcher.consume_token(token_id)
+        assert ok, f"token {token_id} outside the grammar: {self.matcher.get_error()}"
+
+    @property
+    def complete(self) -> bool:
+        """No token can follow: the structure is finished."""
+        return bool(self.matcher.is_stopped())
+
+    @property
+    def accepting(self) -> bool:
+        return bool(self.matcher.is_accepting())
