@@ -268,7 +268,7 @@ def render_gemma3(msgs: Sequence[Msg], plan: ToolPlan) -> str:
             add("user", (m.content or "").strip())
     if not turns or turns[0][0] != "user":
         turns.insert(0, ("user", ""))
-    prefix = "".join(s.strip() + "\n\n" for s in system)
+    prefix = "".join(s + "\n\n" for s in system)
     text = ""
     for k, (role, content) in enumerate(turns):
         text += f"<start_of_turn>{role}\n" + (prefix if k == 0 else "") + content.strip() + \
