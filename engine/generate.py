@@ -119,14 +119,15 @@ def speculate(
     model: Model,
     kv: KVCache,
     stream: TokenStream,
-    last: int,
+    last: int | Sequence[int],
     drafts: Sequence[int],
     *,
     should_stop: Callable[[], bool] | None = None,
     hidden_out: np.ndarray | None = None,
 ) -> list[Step]:
-    """Feed `last` (the newest emitted token) and `drafts` in one batched forward; emit
-    tokens row by row through `stream` while the drafts match what it picks.
+    """Feed `last` (the newest emitted token, or the emitted tokens the cache lacks: the
+    newest sampled one and any a grammar forced after it) and `drafts` in one batched
+    forward; emit tokens row by row through `stream` while the drafts match what it picks.
 
     Row i holds the logits after `last` and the first i drafts, exactly what plain decoding
     would compute once those tokens were emitted, so `stream` samples from each the way it
@@ -141,10 +142,13 @@ def speculate(
     layers if `should_stop()` turns true; `kv` is then as it was before the call.
     `hidden_out` (1 + k, d), if given, receives each row's final-normed hidden state.
     """
+    fed = [last] if isinstance(last, int) else list(last)
+    assert fed and (hidden_out is None or len(fed) == 1)
     start = kv.length
-    rows = forward(model.config, model.weights, [last, *drafts], kv, logits="all",
-                   should_stop=should_stop, hidden_out=hidden_out)  # (1 + k, V)
+    rows = forward(model.config, model.weights, [*fed, *drafts], kv, logits="all",
+                   should_stop=should_stop, hidden_out=hidden_out)  # (n + k, V)
     assert rows is not None
+    rows = rows[len(fed) - 1 :]  # (1 + k, V): the logits after the newest fed token, then drafts
     steps: list[Step] = []
     used = 0  # rows whose input token is right (last, then accepted drafts)
     for i in range(len(drafts) + 1):
@@ -155,7 +159,7 @@ def speculate(
         steps.append(step)
         if stream.done or i == len(drafts) or step.token_id != drafts[i]:
             break
-    kv.truncate(start + used)
+    kv.truncate(start + len(fed) - 1 + used)
     return steps
 
 
@@ -163,20 +167,23 @@ def decode_step(
     model: Model,
     kv: KVCache,
     stream: TokenStream,
-    last: int,
+    pending: Sequence[int],
     spec: Speculator | None,
     *,
     should_stop: Callable[[], bool] | None = None,
-) -> list[Step]:
-    """One unit of decoding after `last` was emitted: a verify step if `spec` drafts, else a
-    plain step; tells `spec` what happened (timing, acceptance, emitted tokens)."""
+) -> tuple[list[Step], list[int]]:
+    """One unit of decoding after the emitted tokens the cache lacks (`pending`): a verify
+    step if `spec` drafts, else a plain step, then the tokens a grammar forces; tells `spec`
+    what happened (timing, acceptance, emitted tokens). Returns the steps and the new
+    pending tokens (the newest sampled one and the forced ones after it)."""
     t0 = time.perf_counter()  # the cost of a step includes drafting it
     room = min(kv.capacity - kv.length, stream.max_new - len(stream.ids)) - 1
     drafts = spec.drafts(room) if spec is not None and room > 0 else []
     hidden = (np.empty((1 + len(drafts), model.config.d_model), dtype=np.float32)
               if spec is not None and spec.needs_hidden else None)
-    steps = speculate(model, kv, stream, last, drafts, should_stop=should_stop,
+    steps = speculate(model, kv, stream, pending, drafts, should_stop=should_stop,
                       hidden_out=hidden)
+    new_pending = [steps[-1].token_id] if steps else []
     if spec is not None:
         accepted = 0
         while (accepted < min(len(steps), len(drafts))
@@ -185,8 +192,19 @@ def decode_step(
         spec.observe(len(drafts), accepted, 1 + len(drafts), time.perf_counter() - t0)
         h = hidden[len(steps) - 1] if hidden is not None and steps else None
         spec.append([s.token_id for s in steps], h)
-    return steps
+    forced = stream.forced()  # a grammar's only continuation: fed with the next step
+    return steps + forced, new_pending + [f.token_id for f in forced]
 
+
+
+def decode_steps(model: Model, kv: KVCache, token_ids: Sequence[int]) -> np.ndarray:
+    """Append tokens already chosen (one sampled, then any a grammar forces) in one forward
+    pass and return the next-token logits (V,)."""
+    if len(token_ids) == 1:
+        return decode_one(model, kv, token_ids[0])
+    out = forward(model.config, model.weights, token_ids, kv, logits="last")
+    assert out is not None
+    return out
 
 class StopStringFilter:
     """Holds back text that might be the start of a stop string; cuts at the first match."""
@@ -280,6 +298,29 @@ class TokenStream:
             self.reason = "length"
         return Step(tid, lp, piece, top)
 
+    def forced(self) -> list[Step]:
+        """The tokens the grammar admits as the only continuation (llguidance's fast-forward
+        tokens), taken at once: the caller evaluates them in one forward pass."""
+        if self.mask is None or self.done:
+            return []
+        out = []
+        for tid in self.mask.forced_tokens():
+            if len(self.ids) >= self.max_new:
+                break
+            self.mask.advance(tid)
+            self.ids.append(tid)
+            piece = self.stops.push(self.detok.push(tid))
+            self.text.append(piece)
+            out.append(Step(tid, 0.0, piece))
+            if self.stops.stopped:
+                self.reason = "stop_string"
+                return out
+        if self.mask.complete:
+            self.reason = "stop"
+        elif len(self.ids) >= self.max_new:
+            self.reason = "length"
+        return out
+
     def finish(self) -> str:
         """Release held-back text; returns it (the `tail`)."""
         tail = ""
@@ -328,7 +369,8 @@ def generate(
         spec = Speculator(PromptLookup(prompt_ids), ForwardCost())
     t1 = time.perf_counter()
     first = stream.step(logits)
-    steps = [] if first is None else [first]
+    steps = [] if first is None else [first, *stream.forced()]
+    pending = [s.token_id for s in steps]  # emitted, not yet in the K/V
     if spec is not None:
         spec.append([s.token_id for s in steps])
     while steps:
@@ -337,8 +379,7 @@ def generate(
             break
         if should_stop is not None and should_stop():
             raise Cancelled()
-        steps = decode_step(model, kv, stream, steps[-1].token_id, spec,
-                            should_stop=should_stop)
+        steps, pending = decode_step(model, kv, stream, pending, spec, should_stop=should_stop)
     decode_s = time.perf_counter() - t1
     tail = stream.finish()
     yield Final(

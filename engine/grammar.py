@@ -28,14 +28,41 @@ class GrammarError(ValueError):
     """A schema or grammar llguidance cannot compile (the message says why)."""
 
 
+SAFE_INT = 2**53 - 1  # the largest integer every JSON reader keeps exactly
+
+
+def closed(schema: Any) -> Any:
+    """`schema` narrowed where it leaves a small model room to wander: `additionalProperties:
+    false` where an object lists its properties and says nothing about others (no copying
+    keys from the prompt), integers within +-(2**53 - 1) unless bounded (no endless digits).
+    Every reply still matches the original schema."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in ("enum", "const", "default", "examples", "required") else
+               {p: closed(x) for p, x in v.items()} if k in ("properties", "$defs",
+                                                              "definitions") and
+               isinstance(v, dict) else closed(v)) for k, v in schema.items()}
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out and \
+            "patternProperties" not in out:
+        out["additionalProperties"] = False
+    kind = out.get("type")
+    if kind == "integer" or (isinstance(kind, list) and "integer" in kind):
+        out.setdefault("minimum", -SAFE_INT)
+        out.setdefault("maximum", SAFE_INT)
+    return out
+
+
 def json_schema_grammar(schema: Any) -> str:
-    """The grammar of JSON documents matching `schema` (a dict); GrammarError if invalid."""
+    """The grammar of JSON documents matching `schema` (a dict, `closed`); GrammarError if
+    invalid."""
     import llguidance as llg
 
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON Schema must be an object, got {schema!r}")
     try:
-        grammar = llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_STYLE)  # type: ignore[arg-type]
+        grammar = llg.LLMatcher.grammar_from_json_schema(closed(schema), overrides=JSON_STYLE)  # type: ignore[arg-type]
     except ValueError as e:
         raise GrammarError(f"invalid JSON Schema: {e}") from None
     check(grammar)
@@ -117,6 +144,10 @@ class TokenMask:
     def advance(self, token_id: int) -> None:
         ok = self.matcher.consume_token(token_id)
         assert ok, f"token {token_id} outside the grammar: {self.matcher.get_error()}"
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens that are the grammar's only way on from here (may be none)."""
+        return [int(t) for t in self.matcher.compute_ff_tokens()]
 
     @property
     def complete(self) -> bool:

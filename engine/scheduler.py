@@ -546,7 +546,8 @@ class Scheduler:
         first_token_ms = 0.0
         t_dec = time.perf_counter()
         step = stream.step(logits)
-        steps = [] if step is None else [step]
+        steps = [] if step is None else [step, *stream.forced()]  # and what a grammar forces
+        pending = [s.token_id for s in steps]  # emitted, not yet in the K/V
         if spec is not None:
             spec.append([s.token_id for s in steps])
         while steps:
@@ -566,8 +567,8 @@ class Scheduler:
             if job.deadline is not None and time.monotonic() > job.deadline:
                 stream.reason = "deadline"
                 break
-            steps = decode_step(model, kv, stream, steps[-1].token_id, spec,
-                                should_stop=lambda: job.cancelled)
+            steps, pending = decode_step(model, kv, stream, pending, spec,
+                                         should_stop=lambda: job.cancelled)
         decode_s = time.perf_counter() - t_dec
         if len(stream.ids) > 4:
             self._decode_tok_s = _ema(self._decode_tok_s, (len(stream.ids) - 1) / decode_s)

@@ -304,7 +304,7 @@ def _repeat(rule: str, sep: str, plan: ToolPlan) -> str:
 
 
 def _json_sub(schema: dict[str, Any]) -> str:
-    return json.dumps({**schema, "x-guidance": G.JSON_STYLE})
+    return json.dumps({**G.closed(schema), "x-guidance": G.JSON_STYLE})
 
 
 def parse_gemma3(text: str, plan: ToolPlan) -> tuple[str | None, list[ToolCall]]:
