@@ -475,7 +475,7 @@ class Handler(BaseHTTPRequestHandler):
             self._authorized()
             path = self.path.split("?")[0].rstrip("/")
             if method == "GET" and path in ("/v1/models", "/models"):
-                self._json(HTTPStatus.OK, {"object": "list", "data": [self.server.model_card()]})
+                self._json(HTTPStatus.OK, {"object": "list", "data": self.server.model_cards()})
             elif method == "POST" and path in ("/v1/completions", "/completions"):
                 self._complete(self._body(), chat=False)
             elif method == "POST" and path in ("/v1/chat/completions", "/chat/completions"):
@@ -729,6 +729,16 @@ class ApiServer(ThreadingHTTPServer):
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created,
                 "owned_by": "gemma-lsp"}
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """The loaded model, then the draft model speculative decoding uses, if one is loaded
+        (the scheduler's `draft_model_name`)."""
+        cards = [self.model_card()]
+        draft = getattr(self.scheduler, "draft_model_name", None)
+        if isinstance(draft, str) and draft:
+            cards.append({"id": draft, "object": "model", "created": self.created,
+                          "owned_by": "gemma-lsp", "role": "draft"})
+        return cards
 
     def start(self) -> threading.Thread:
         threading.Thread(target=self._reap, name="http-reaper", daemon=True).start()
