@@ -190,3 +190,16 @@ def test_a_model_without_tool_tokens_cannot_take_tools() -> None:
     # without tools the same model chats
     assert plan_chat({"messages": body["messages"]}, "gemma4", tok).prompt.endswith(
         "<|turn>model\n")
+
+
+def test_gemma4_auto_takes_text_or_text_then_a_valid_call() -> None:
+    tok = gemma4_tokenizer()
+    plan = T.parse_tools({"tools": [WEATHER], "tool_choice": "auto"})
+    grammar = T.gemma4_grammar(plan, None, lambda p: int(tok.hf.token_to_id(p)))
+    assert grammar is not None
+    call = (f"<|tool_call>call:get_weather{{city:{T.STR}Oslo{T.STR}}}<tool_call|>")
+    for text, complete in (("Just text.", True), ("Let me check." + call, True),
+                           (call, True), ("Hm" + call.replace("city", "town"), False)):
+        mask = G.TokenMask(grammar, tok)
+        ids = tok.encode(text, add_bos=False)
+        assert (mask.matcher.try_consume_tokens(ids) == len(ids) and mask.accepting) == complete
