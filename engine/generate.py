@@ -34,7 +34,9 @@ class GenerateOptions:
     top_logprobs: int = 0  # also report this many alternatives per step
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     speculate: bool = False  # draft by prompt lookup and verify drafts in batches
-    grammar: str = ""  # llguidance grammar (engine.grammar); "" = unconstrained
+    # llguidance grammar (engine.grammar); "" = unconstrained. A grammar rules out speculative
+    # decoding: draft tokens are not masked.
+    grammar: str = ""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:

@@ -277,12 +277,7 @@ def chat_prompt(messages: Any, media: list[dict[str, Any]] | None = None) -> str
                                                              "assistant"):
             raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{i}] needs a role of system, "
                            "user or assistant", param=f"messages[{i}].role")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text, images, audio
-            content = content_parts(content, f"messages[{i}].content", media)
-        if not isinstance(content, str):
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"messages[{i}].content must be text",
-                           param=f"messages[{i}].content")
+        content = message_text(i, m.get("content"), media)
         if m["role"] in ("system", "developer"):
             system.append(content)
         else:
