@@ -105,7 +105,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def api(engine: HttpEngine) -> openai.OpenAI:
-    return openai.OpenAI(base_url=engine.url, api_key=TOKEN, max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=engine.url, api_key=TOKEN, max_retries=0, timeout=900)
 
 
 def tool(k: int) -> dict[str, Any]:
