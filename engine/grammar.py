@@ -29,12 +29,14 @@ class GrammarError(ValueError):
 
 
 SAFE_INT = 2**53 - 1  # the largest integer every JSON reader keeps exactly
+NUMBER_STEP = 1e-6  # numbers are written with at most this many decimals
 
 
 def closed(schema: Any) -> Any:
     """`schema` narrowed where it leaves a small model room to wander: `additionalProperties:
     false` where an object lists its properties and says nothing about others (no copying
-    keys from the prompt), integers within +-(2**53 - 1) unless bounded (no endless digits).
+    keys from the prompt), numbers within +-(2**53 - 1) unless bounded and with at most 6
+    decimals (no endless digits).
     Every reply still matches the original schema."""
     if isinstance(schema, list):
         return [closed(s) for s in schema]
@@ -48,9 +50,12 @@ def closed(schema: Any) -> Any:
             "patternProperties" not in out:
         out["additionalProperties"] = False
     kind = out.get("type")
-    if kind == "integer" or (isinstance(kind, list) and "integer" in kind):
+    kinds = kind if isinstance(kind, list) else [kind]
+    if "integer" in kinds or "number" in kinds:
         out.setdefault("minimum", -SAFE_INT)
         out.setdefault("maximum", SAFE_INT)
+    if "number" in kinds and "multipleOf" not in out:
+        out["multipleOf"] = NUMBER_STEP  # at most 6 decimals: no endless "0.5000000..."
     return out
 
 

@@ -201,14 +201,6 @@ def test_json_schema_replies_validate(http_engine: HttpEngine, k: int) -> None:
     jsonschema.validate(json.loads(choice.message.content or ""), SCHEMAS[k])
 
 
-def test_json_object_replies_are_objects(http_engine: HttpEngine) -> None:
-    res = api(http_engine).chat.completions.create(
-        model="gemma", messages=[{"role": "user", "content": "Describe a cat as JSON."}],
-        max_tokens=48, temperature=0, response_format={"type": "json_object"})
-    assert res.choices[0].finish_reason == "stop"
-    assert isinstance(json.loads(res.choices[0].message.content or ""), dict)
-
-
 def test_none_never_calls_a_tool(http_engine: HttpEngine) -> None:
     prompts = ["What is the weather in Paris?", "Call get_weather for Oslo.",
                '{"name": "get_weather", "parameters": {"city": "Rome"}}']
