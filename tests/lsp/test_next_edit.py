@@ -260,3 +260,15 @@ def test_candidates_count_lines_at_lsp_line_breaks_only() -> None:
     assert candidates(text, h) == ["import os\n\x0c\ndef area(width, h):\n    return width * h\n"]
     text, h = scenario("def f():\r\n    a()\r\n    b()\r\n", "    a()", "    await a()")
     assert candidates(text, h) == ["def f():\r\n    await a()\r\n    await b()\r\n"]
+
+
+def test_tab_indented_code_keeps_its_tabs() -> None:
+    text, h = scenario("func f() {\n\tmust(a())\n\tmust(b())\n}\n", "\tmust(a())", "\tcheck(a())")
+    assert candidates(text, h) == ["func f() {\n\tcheck(a())\n\tcheck(b())\n}\n"]
+    g = h.last()
+    assert g is not None
+    r = editable_region(text, g.start)
+    cand = candidates(text, h)[0]
+    [span] = minimal_edits(r, cand[r.start : len(cand) - (len(text) - r.end)])
+    assert text[span.start : span.end] == "must" and span.new == "check"
+    assert text[span.start - 1] == "\t"  # on the second call's line, after its tab
