@@ -312,6 +312,7 @@ POLL_S = 0.25  # how often a request waiting for the engine checks that its clie
 
 def _events(reply: _Reply, timeout: float,
             gone: Callable[[], bool] = lambda: False) -> Iterator[P.Token | P.Done]:
+    checked = time.monotonic()
     while True:
         waited = 0.0
         while True:
@@ -320,11 +321,17 @@ def _events(reply: _Reply, timeout: float,
                 break
             except queue.Empty:
                 waited += POLL_S
+                checked = time.monotonic()
                 if gone():
                     raise ClientGone() from None
                 if waited >= timeout:
                     raise ApiError(HTTPStatus.GATEWAY_TIMEOUT, f"no progress in {timeout:.0f}s",
                                    "timeout") from None
+        # tokens that keep coming (fast decoding, speculation) must not hide a closed client
+        if time.monotonic() - checked >= POLL_S:
+            checked = time.monotonic()
+            if gone():
+                raise ClientGone()
         if isinstance(msg, P.Error):
             status = (HTTPStatus.BAD_REQUEST if msg.code in (P.E_BAD_REQUEST, P.E_TOO_LONG)
                       else HTTPStatus.SERVICE_UNAVAILABLE if msg.code == P.E_SHUTTING_DOWN

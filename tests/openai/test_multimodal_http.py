@@ -19,7 +19,7 @@ from typing import Any
 import openai
 import pytest
 
-from engine.http_api import ApiError, chat_prompt
+from engine.http_api import ApiError, chat_prompt, plan_chat
 from engine.protocol import Done, Token
 from gemma_lsp.engine_client import EngineClient
 from tests.engine import tiny_unified as tu
@@ -82,7 +82,8 @@ def messages() -> list[dict[str, Any]]:
 
 def over_socket(engine: HttpEngine, msgs: list[dict[str, Any]], n: int) -> str:
     media: list[dict[str, Any]] = []
-    prompt = chat_prompt(msgs, media)
+    # the prompt the HTTP API builds for a Gemma 4 model (its own chat template)
+    prompt = plan_chat({"messages": msgs}, "gemma4", None, media).prompt
     client = EngineClient(socket_path=engine.sock, autostart=False)
     try:
         handle = client.generate(prompt, max_tokens=n, temperature=0.0, media=media)

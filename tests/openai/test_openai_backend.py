@@ -73,7 +73,8 @@ async def test_explain_streams_through_chat_completions(client: LanguageClient) 
     res = await client.workspace_execute_command_async(t.ExecuteCommandParams(
         command="gemma.explain",
         arguments=[URI, {"start": {"line": 8, "character": 0},
-                         "end": {"line": 12, "character": 0}}]))
+                         "end": {"line": 12, "character": 0}}],
+        work_done_token="explain-progress"))  # as our plugins send: the answer is the text
     reports = [r for rs in client.progress_reports.values() for r in rs
                if isinstance(r, t.WorkDoneProgressReport) and r.message]
     assert isinstance(res, str) and res.strip()
@@ -105,7 +106,8 @@ async def test_cancel_closes_the_stream_and_the_engine_stops(
     client.workspace_did_change_configuration(t.DidChangeConfigurationParams(long))
     task = asyncio.ensure_future(client.workspace_execute_command_async(t.ExecuteCommandParams(
         command="gemma.explain", arguments=[URI, {"start": {"line": 0, "character": 0},
-                                                  "end": {"line": 14, "character": 0}}])))
+                                                  "end": {"line": 14, "character": 0}}],
+        work_done_token="explain-progress")))  # the request stays open while it runs
     engine = EngineClient(socket_path=http_engine.sock, autostart=False)
     try:
         for _ in range(100):  # the request reaches the engine through HTTP
