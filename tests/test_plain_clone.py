@@ -1,4 +1,4 @@
-"""A plain `git clone` has nothing beside it: no test may read the project's ../shared folder."""
+"""A plain `git clone` has nothing beside it: no test may read the folder beside the clone."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import re
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-OUTSIDE = re.compile(r"\.\./shared|parent / \"shared\"|parents\[\d\] / \"shared\"")
+# the ways a path to the folder beside the clone gets written (built from pieces so that this
+# file, which names them, does not match them itself)
+_NAME = "sha" + "red"
+OUTSIDE = re.compile(rf'\.\./{_NAME}|parent / "{_NAME}"|parents\[\d\] / "{_NAME}"')
 
 
 def test_no_test_reads_outside_the_clone() -> None:
     offenders = [str(p.relative_to(TESTS)) for p in TESTS.rglob("*.py")
-                 if p != Path(__file__).resolve() and OUTSIDE.search(p.read_text())]
+                 if OUTSIDE.search(p.read_text())]
     assert offenders == []
 
 
