@@ -36,21 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_lsp import pct, position_at  # noqa: E402
 from nes_scenarios import SCENARIOS, Scenario  # noqa: E402
 
 from gemma_lsp.config import NextEditOptions  # noqa: E402
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
-
-
-def position_at(text: str, offset: int) -> t.Position:
-    before = text[:offset]
-    line = before.count("\n")
-    col_text = before[before.rfind("\n") + 1:]
-    return t.Position(line, len(col_text.encode("utf-16-le")) // 2)
 
 
 def offset_at(text: str, line: int, character: int) -> int:
