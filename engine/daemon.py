@@ -10,6 +10,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -271,6 +272,7 @@ class Daemon:
         self._lock_fd: int | None = None
         self._status_at = 0.0
         self._building = False  # the model copy is being built (a slow first start)
+        self._steps: list[str] = []  # a build's milestones, so a watcher that polls sees all
         self.http_url: str | None = None
         self.model: Model
         self.scheduler: Scheduler
@@ -337,7 +339,7 @@ class Daemon:
         """Tell clients waiting for this engine how its start goes (P.status_path)."""
         self._status_at = time.monotonic()
         info = {"pid": os.getpid(), "state": state, "message": message, "fraction": fraction,
-                "building": self._building, "time": time.time()}
+                "building": self._building, "steps": self._steps, "time": time.time()}
         try:
             atomic_write(P.status_path(self.path), json.dumps(info))
         except OSError as e:
@@ -348,6 +350,10 @@ class Daemon:
         self._building = True
         if fraction is None:
             log.info("%s", message)
+        kind = re.sub(r"[\d/]+", "", message)  # "dequantizing m (3/90 tensors)": one step
+        if len(self._steps) < 32 and (not self._steps or
+                                      re.sub(r"[\d/]+", "", self._steps[-1]) != kind):
+            self._steps.append(message)
         if time.monotonic() - self._status_at >= 0.2 or fraction is None:
             self._status("starting", message, fraction)
 

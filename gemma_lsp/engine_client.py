@@ -97,8 +97,12 @@ class _Start:
     def _watch(self) -> None:
         deadline = time.monotonic() + self.timeout
         seen: tuple[Any, ...] = ()
+        steps_told = 0  # the engine's milestones already told (a fast step is not missed)
         while time.monotonic() < deadline:
             if _connectable(self.path):
+                steps = (P.read_status(self.path) or {}).get("steps")
+                for step in steps[steps_told:] if isinstance(steps, list) else ():
+                    self._tell(StartEvent("progress", str(step), None))  # a start too fast to see
                 return self._end("ready", "the engine is ready")
             status = P.read_status(self.path) or {}
             alive = _alive(status.get("pid"))
@@ -109,6 +113,11 @@ class _Start:
                 return self._end("failed", message)
             if alive and state == "starting":
                 self.building = self.building or bool(status.get("building"))
+                steps = status.get("steps")
+                for step in steps[steps_told:] if isinstance(steps, list) else ():
+                    if str(step) != message:
+                        self._tell(StartEvent("progress", str(step), None))
+                steps_told = len(steps) if isinstance(steps, list) else steps_told
             if alive and state == "starting" and (message, status.get("fraction")) != seen:
                 seen = (message, status.get("fraction"))
                 fraction = status.get("fraction")
