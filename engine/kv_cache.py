@@ -27,7 +27,19 @@ class KVCache:
         self.v = np.zeros(shape, dtype=np.float32)  # (L, KV, cap, hd)
         self.tokens = np.zeros(capacity, dtype=np.int64)  # (cap,) the id at each position
         self.capacity = capacity
-        self.length = 0
+        self.high = 0  # the most positions ever written: the pages this buffer has touched
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        """Valid positions `[0, length)`."""
+        return self._length
+
+    @length.setter
+    def length(self, n: int) -> None:
+        self._length = n
+        if n > self.high:
+            self.high = n
 
     def truncate(self, position: int) -> None:
         """Forget positions `position..length`; the next write starts there."""
@@ -48,6 +60,11 @@ class KVCache:
         self.v[:, :, start : start + n] = v
         self.tokens[start : start + n] = ids
         self.length = start + n
+
+    @property
+    def nbytes_touched(self) -> int:
+        """Memory this buffer really holds (its pages are touched as positions are written)."""
+        return 2 * self.k[:, :, : self.high].nbytes
 
     @property
     def nbytes_used(self) -> int:

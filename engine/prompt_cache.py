@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,11 +58,15 @@ class Match:
 
 
 class PromptCache:
-    def __init__(self, n_layers: int, n_kv: int, head_dim: int, budget_bytes: int) -> None:
+    def __init__(self, n_layers: int, n_kv: int, head_dim: int, budget_bytes: int,
+                 reserved: Callable[[], int] = lambda: 0) -> None:
+        """`budget_bytes` bounds all K/V memory: this cache's nodes plus `reserved()`, the
+        working K/V its owner holds outside it (the running requests' buffers)."""
         if budget_bytes < 0:
             raise ValueError(f"prompt cache budget must be >= 0, got {budget_bytes}")
         self.shape = (n_layers, n_kv, head_dim)
         self.budget = budget_bytes
+        self.reserved = reserved
         empty = np.zeros((n_layers, n_kv, 0, head_dim), dtype=np.float32)
         self.root = Node(np.zeros(0, dtype=np.int64), empty, empty, None)
         self.nbytes = 0  # these three are kept up to date so stats() need not walk the tree
@@ -178,8 +182,9 @@ class PromptCache:
             assert node.holds >= 0
 
     def evict(self, budget: int | None = None) -> int:
-        """Drop least-recently-used unheld leaves until under budget; returns bytes freed."""
-        limit = self.budget if budget is None else budget
+        """Drop least-recently-used unheld leaves until under budget (by default what the
+        working K/V leaves of `budget_bytes`); returns bytes freed."""
+        limit = max(0, self.budget - self.reserved()) if budget is None else budget
         freed = 0
         if self.nbytes <= limit:
             return 0

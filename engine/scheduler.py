@@ -129,6 +129,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._hot: KVCache | None = None  # the last job's K/V: reused without a copy if it fits
+        cache.reserved = self._working_bytes  # the cache budget bounds these buffers too
         self._prefill_tok_s = 0.0
         self._decode_tok_s = 0.0
         self._served = 0
@@ -339,6 +340,11 @@ class Scheduler:
                 log.exception("request %s failed", job.req_id)
                 _send(job.client, P.Error(job.req_id, P.E_INTERNAL, f"{type(e).__name__}: {e}"))
             self._finish(job)
+
+    def _working_bytes(self) -> int:
+        """K/V memory held outside the prompt cache: running jobs' buffers and the hot one."""
+        kvs = {id(k): k for k in [self._hot, *(j.kv for j in list(self._jobs))] if k is not None}
+        return sum(k.nbytes_touched for k in kvs.values())
 
     def _finish(self, job: Job) -> None:
         if job.match is not None:

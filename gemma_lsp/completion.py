@@ -193,6 +193,11 @@ class CompletionService:
         # decoding for this text goes on in the background (a menu's wait ran out): wait for it
         # rather than start over (a new request would supersede it in the engine)
         going = self._continuing.get(uri)
+        if going is not None and not going[1].done() and before.startswith(going[0]) \
+                and _diverged(self._shown.get(uri), before):
+            going[1].cancel()  # the user typed something else than it decodes: start afresh
+            self._continuing.pop(uri, None)
+            going = None
         if going is not None and not going[1].done() and before.startswith(going[0]):
             left = t_start + opts.menu_wait_ms / 1000 - time.perf_counter()
             await asyncio.wait({going[1]}, timeout=max(0.0, left))
@@ -417,3 +422,12 @@ class CompletionService:
         task = self._warm_tasks.pop(uri, None)
         if task is not None:
             task.cancel()
+
+
+def _diverged(shown: _Shown | None, before: str) -> bool:
+    """The user typed, since ``shown`` was answered, characters that none of its texts has
+    there: decoding on from that answer can no longer give them anything."""
+    if shown is None or not before.startswith(shown.prefix) or before == shown.prefix:
+        return False
+    typed = before[len(shown.prefix):]
+    return all(not t.startswith(typed) and not typed.startswith(t) for t in shown.texts)

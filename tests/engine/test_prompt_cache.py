@@ -92,6 +92,25 @@ def test_budget_evicts_least_recently_used_unheld_leaves() -> None:
     assert cache.nbytes == 0 and cache.n_nodes == 0
 
 
+def test_the_budget_bounds_the_working_kv_as_well() -> None:
+    """The budget is for all K/V memory: what running requests hold outside the cache
+    (`reserved`) leaves the cache that much less; a buffer counts the positions it touched."""
+    per_token = 2 * CFG.n_layers * CFG.n_kv_heads * CFG.head_dim * 4
+    working = KVCache(CFG, 256)
+    cache = new_cache(budget=per_token * 75)
+    cache.reserved = lambda: working.nbytes_touched
+    a, b = [2] + [5] * 30, [2] + [6] * 30
+    run_cached(cache, a)
+    run_cached(cache, b)
+    assert cache.nbytes == per_token * 61  # both fit: nothing works outside the cache
+    forward(CFG, W, list(range(4, 44)), working, logits="none")  # a request's 40 positions
+    working.truncate(0)  # cut back: its pages stay touched
+    assert working.nbytes_touched == per_token * 40
+    cache.evict()
+    assert cache.nbytes + working.nbytes_touched <= per_token * 75
+    assert cache.match(np.asarray(b)).length == len(b)  # the older one went
+
+
 def test_save_load_roundtrip_and_fingerprint(tmp_path: Path,
                                              caplog: pytest.LogCaptureFixture) -> None:
     cache = new_cache()

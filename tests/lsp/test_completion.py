@@ -187,3 +187,54 @@ def test_a_large_document_is_warmed_at_its_last_edit() -> None:
         range=t.Range(t.Position(5000, 0), t.Position(5000, 0)), text="y = 2\n")])
     at = svc.warm_offset(big)
     assert at is not None and big.line_of_offset(at) in (5000, 5001)  # the edited region's end
+
+
+class _HeldStream(_Stream):
+    """Gives its first piece after a moment, then holds the rest until `hold` is set."""
+
+    def __init__(self, pieces: list[str], hold: threading.Event) -> None:
+        super().__init__(pieces, hold)
+        self.given = 0
+
+    def next(self, timeout: float | None = None) -> str | None:
+        if self.given == 0:
+            threading.Event().wait(0.02)  # past the 1 ms latency budget
+        else:
+            self.gate.wait(timeout)
+        self.given += 1
+        if self.cancelled or not self.pieces:
+            self.finish = Finish(reason="cancelled" if self.cancelled else "stop")
+            return None
+        return self.pieces.pop(0)
+
+
+async def test_typing_away_from_a_suggestion_stops_its_background_decoding() -> None:
+    """Past the budget the first line is answered and decoding goes on; when the user then
+    types something the suggestion does not have, the next request does not wait on that
+    decoding (it can give them nothing): it is cancelled and a new one starts."""
+    backend = FakeBackend(["a + b\n", "    c = 1\n"])
+    hold = threading.Event()
+    backend.start = lambda prompt, **_: backend.streams.append(  # type: ignore[method-assign]
+        _HeldStream(backend.pieces, hold)) or backend.streams[-1]
+    svc, store = service(backend, latencyBudgetMs=1, menuWaitMs=600_000)
+    assert await svc.complete(URI, len(TEXT)) == ["a + b"]
+    assert len(backend.streams) == 1 and not backend.streams[0].cancelled  # it decodes on
+    store.open(URI, TEXT + "z", 2, "python")
+    again = await asyncio.wait_for(svc.complete(URI, len(TEXT) + 1), 30)
+    assert again == ["a + b"] and len(backend.streams) == 2
+    await asyncio.sleep(0.05)
+    assert backend.streams[0].cancelled
+    hold.set()
+
+
+async def test_typing_along_a_suggestion_keeps_its_background_decoding() -> None:
+    backend = FakeBackend(["a + b\n", "    c = 1\n"])
+    hold = threading.Event()
+    backend.start = lambda prompt, **_: backend.streams.append(  # type: ignore[method-assign]
+        _HeldStream(backend.pieces, hold)) or backend.streams[-1]
+    svc, store = service(backend, latencyBudgetMs=1, menuWaitMs=600_000)
+    assert await svc.complete(URI, len(TEXT)) == ["a + b"]
+    store.open(URI, TEXT + "a +", 2, "python")
+    assert await svc.complete(URI, len(TEXT) + 3) == [" b"]
+    assert len(backend.streams) == 1 and not backend.streams[0].cancelled
+    hold.set()
