@@ -131,8 +131,10 @@ def llama(threads: int, n_ctx: int) -> Any:
         return None
     from engine.weights import embedded_model_path
 
+    # logits_all=True by hand: 0.3.36 sizes its score buffer from the argument, not from the
+    # True that a draft model implies, and fails past 512 tokens (n_batch) without it
     return Llama(str(embedded_model_path()), n_ctx=n_ctx, n_threads=threads,
-                 n_threads_batch=threads, n_batch=512, verbose=False,
+                 n_threads_batch=threads, n_batch=512, verbose=False, logits_all=True,
                  draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))
 
 
