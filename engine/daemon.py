@@ -316,6 +316,7 @@ class Daemon:
             self._install_signals()
             threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
             self._status("ready", f"serving {self.model.name}")
+            self.model.build_kernels(threads, background=True)  # numpy works until then
             while not self._stop.wait(0.5):
                 if self._idle_expired():
                     self.request_stop("idle")

@@ -16,6 +16,7 @@ import numpy as np
 
 from engine.audio import AudioWeights
 from engine.config import ModelConfig
+from engine.kernels.prepacked import PrepackedMatmul
 from engine.kv_cache import KVCache
 from engine.multimodal import SoftSpan, blocks_in
 from engine.vision import VisionWeights
@@ -77,6 +78,7 @@ class Weights:
     layers: tuple[LayerWeights, ...]
     vision: VisionWeights | None = None  # Gemma 4 unified's image embedder
     audio: AudioWeights | None = None  # and its audio embedder
+    head: PrepackedMatmul | None = None  # the LM head for several rows, once built
 
     @classmethod
     def from_packed(cls, config: ModelConfig, packed: Mapping[str, np.ndarray]) -> Weights:
@@ -88,7 +90,8 @@ class Weights:
             for i in range(config.n_layers)
         )
         return cls(packed["tok_embd_t"], packed["final_norm"], layers,
-                   VisionWeights.from_packed(packed), AudioWeights.from_packed(packed))
+                   VisionWeights.from_packed(packed), AudioWeights.from_packed(packed),
+                   PrepackedMatmul(packed["tok_embd_t"], "LM head"))
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -190,6 +193,32 @@ def attention_plan(start: int, n_new: int, window: int | None,
     return plan
 
 
+def tree_plan(start: int, parents: Sequence[int],
+              window: int | None) -> tuple[np.ndarray, AttnPlan]:
+    """Positions and the attention plan of a chunk whose rows form a tree after the cached
+    prefix (slots start..): row r follows row parents[r], or the prefix when it is -1. A row
+    sits at position start + its depth and sees the prefix and its own ancestors only
+    (windowed by position); siblings never see each other."""
+    T = len(parents)
+    depth = np.zeros(T, dtype=np.int64)  # (T,)
+    mine = np.zeros((T, T), dtype=bool)  # (T, T) ancestor-or-self
+    for r, p in enumerate(parents):
+        assert -1 <= p < r, (r, p)
+        if p >= 0:
+            depth[r] = depth[p] + 1
+            mine[r] = mine[p]
+        mine[r, r] = True
+    pos = start + depth  # (T,)
+    k_pos = np.concatenate([np.arange(start), pos])  # (start + T,)
+    visible = np.concatenate([np.ones((T, start), dtype=bool), mine], axis=1)  # (T, start + T)
+    k0 = 0
+    if window is not None:
+        visible &= (pos[:, None] - k_pos[None, :]) < window
+        k0 = max(0, start - window + 1)  # no row sees a key before this
+    bias = np.where(visible[:, k0:], np.float32(0.0), np.float32(-np.inf))  # (T, s)
+    return pos, [(start, start + T, k0, start + T, bias)]
+
+
 def attention(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, plan: AttnPlan, q_start: int
 ) -> np.ndarray:
@@ -247,6 +276,7 @@ def forward(
     should_stop: Callable[[], bool] | None = None,
     soft: Sequence[SoftSpan] = (),
     hidden_out: np.ndarray | None = None,
+    parents: Sequence[int] | None = None,
 ) -> np.ndarray | None:
     """Run `tokens` at positions kv.length.. ; append their K/V; return logits where asked.
 
@@ -256,6 +286,9 @@ def forward(
     them; an image's span must lie wholly inside or outside this chunk.
     `hidden_out` (T, d), if given, receives the final-normed hidden state of every row (what
     a Gemma 4 assistant drafts from).
+    `parents`, if given, makes the chunk a tree (see `tree_plan`): several continuations of
+    the cached prefix at once, each row at its own depth; the K/V slots then hold no single
+    sequence, so the caller cuts `kv` back to where the tree began before anything else.
     """
     ids = np.asarray(tokens, dtype=np.int64)  # (T,)
     T = ids.shape[0]
@@ -264,6 +297,9 @@ def forward(
     assert T > 0 and end <= kv.capacity, (start, T, kv.capacity)
     H = cfg.n_heads
     pos = np.arange(start, end)  # (T,)
+    if parents is not None:
+        assert len(parents) == T and not soft, "a tree chunk has one parent per row, no media"
+        pos, plan_tree_global = tree_plan(start, parents, None)  # (T,)
 
     # RoPE tables and masks, shared by all layers of a kind (full-attention layers may have
     # wider heads and rotate only part of them)
@@ -276,6 +312,9 @@ def forward(
     blocks = blocks_in(soft, start, end)  # image soft tokens attend each other both ways
     plan_global = attention_plan(start, T, None, blocks)
     plan_local = attention_plan(start, T, cfg.sliding_window, blocks)
+    if parents is not None:
+        plan_global = plan_tree_global
+        plan_local = tree_plan(start, parents, cfg.sliding_window)[1]
     scale = np.float32(cfg.attn_scale)
 
     # token embedding scaled by sqrt(d); soft tokens from their embedders, unscaled
@@ -322,15 +361,21 @@ def forward(
 
     kv.tokens[start:end] = ids
     kv.length = end
+    if hidden_out is not None:
+        hidden_out[:] = rmsnorm(x, w.final_norm, cfg.norm_eps)  # (T, d)
     if logits == "none":
         return None
 
     # final norm and tied LM head, only where logits are needed
-    if hidden_out is not None:
-        hidden_out[:] = rmsnorm(x, w.final_norm, cfg.norm_eps)  # (T, d)
     xs = x[-1:] if logits == "last" else x  # (T', d)
-    out = rmsnorm(xs, w.final_norm, cfg.norm_eps) @ w.tok_embd_t  # (T', V)
+    out = lm_head(cfg, w, rmsnorm(xs, w.final_norm, cfg.norm_eps))  # (T', V)
+    return out[0] if logits == "last" else out
+
+
+def lm_head(cfg: ModelConfig, w: Weights, h: np.ndarray) -> np.ndarray:
+    """Logits (T, V) of final-normed hidden states h (T, d): the tied embedding, softcapped."""
+    out = h @ w.tok_embd_t if w.head is None else w.head(h)  # (T, V)
     if cfg.final_logit_softcap is not None:
         cap = np.float32(cfg.final_logit_softcap)
-        out = np.tanh(out / cap) * cap  # (T', V)
-    return out[0] if logits == "last" else out
+        out = np.tanh(out / cap) * cap  # (T, V)
+    return out

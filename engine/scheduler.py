@@ -233,6 +233,7 @@ class Scheduler:
             "drafter": ("off" if not self.speculate else "prompt lookup"
                         if self.draft_model is None else f"assistant {self.draft_model.name}"),
             "forward_ms_by_rows": self.forward_cost.snapshot(),
+            "kernels": self.model.kernel_status(),
             "queue": queue,
         }
 

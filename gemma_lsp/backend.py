@@ -52,6 +52,7 @@ class Scores:
     compute_ms: float = 0.0
     reused_tokens: int = 0
     evaluated_tokens: int = 0
+    queue_ms: float = 0.0  # waiting in the engine before its compute began
 
 
 class Stream(Protocol):
@@ -195,7 +196,8 @@ class EngineBackend:
             r = self._get().score(prompt, continuations, doc=doc)
         except EngineError as e:
             raise BackendError(str(e)) from e
-        return Scores(r.logprobs, r.ends, r.compute_ms, r.reused_tokens, r.evaluated_tokens)
+        return Scores(r.logprobs, r.ends, r.compute_ms, r.reused_tokens, r.evaluated_tokens,
+                      r.queue_ms)
 
     def status(self) -> dict[str, Any]:
         from gemma_lsp.engine_client import EngineError

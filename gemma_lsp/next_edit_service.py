@@ -62,6 +62,8 @@ class NextEditStats:
     rejected: int = 0
     last_ms: float = 0.0
     margins: list[float] = field(default_factory=list)
+    # the last requests' engine figures: (queue ms, compute ms, tokens evaluated)
+    engine: list[tuple[float, float, int]] = field(default_factory=list)
 
     def as_dict(self, threshold: float) -> dict[str, Any]:
         decided = self.accepted + self.rejected
@@ -70,7 +72,14 @@ class NextEditStats:
             "accepted": self.accepted, "rejected": self.rejected,
             "accept_rate": round(self.accepted / decided, 3) if decided else None,
             "threshold": round(threshold, 2), "last_ms": round(self.last_ms, 1),
+            "engine_queue_ms_p50": _median([q for q, _, _ in self.engine]),
+            "engine_compute_ms_p50": _median([c for _, c, _ in self.engine]),
+            "engine_evaluated_tokens_p50": _median([float(n) for _, _, n in self.engine]),
         }
+
+
+def _median(xs: list[float]) -> float | None:
+    return round(sorted(xs)[len(xs) // 2], 1) if xs else None
 
 
 class NextEditService:
@@ -148,6 +157,8 @@ class NextEditService:
         cur = self.store.get(uri)
         if cur is None or cur.version != doc_version or cur.text != text:
             return None  # edited while the engine scored: the answer is for old text
+        self.stats.engine = (self.stats.engine + [(scores.queue_ms, scores.compute_ms,
+                                                   scores.evaluated_tokens)])[-50:]
         sums = [sum(lp) for lp in scores.logprobs]
         unchanged = Candidate(region.text, "unchanged", sums[0])
         others = [Candidate(c, "carry", s) for c, s in zip(cands, sums[1:], strict=True)]

@@ -195,6 +195,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "best_threshold": best,
         "curve": curve,
         "engine": {k: info.get(k) for k in ("model", "prefill_tok_s", "decode_tok_s")},
+        "next_edit_engine": {k: (info.get("next_edit") or {}).get(k) for k in (
+            "engine_queue_ms_p50", "engine_compute_ms_p50", "engine_evaluated_tokens_p50")},
         "rows": rows,
     }
 
@@ -215,6 +217,9 @@ def main() -> int:
           f"(per scenario {out['wrong_per_scenario']}), nothing when nothing due "
           f"{out['nothing_rate']}")
     print(f"  latency p50 {out['latency_ms_p50']} ms, p90 {out['latency_ms_p90']} ms")
+    e = out["next_edit_engine"]
+    print(f"  in the engine (last 50): queue p50 {e['engine_queue_ms_p50']} ms, compute p50 "
+          f"{e['engine_compute_ms_p50']} ms, {e['engine_evaluated_tokens_p50']} tokens evaluated")
     print("  threshold  exact  wrong/shown  nothing")
     for c in out["curve"]:
         print(f"  {c['threshold']:9.1f}  {c['exact_rate']!s:5}  {c['wrong_shown_rate']!s:11}  "

@@ -24,5 +24,7 @@ def reference_cases() -> list[dict[str, Any]]:
 def model() -> Any:
     from engine.runtime import Model, pin_blas_threads
 
-    pin_blas_threads()
-    return Model.load()
+    _, threads = pin_blas_threads()
+    m = Model.load()
+    m.build_kernels(threads)  # as the engine runs it: the packed LM head for 2+ rows
+    return m

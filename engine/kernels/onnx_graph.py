@@ -1,0 +1,125 @@
+"""A minimal ONNX ModelProto writer: just enough protobuf for the engine's kernel graphs.
+
+The engine builds its graphs itself instead of depending on the `onnx` package: a graph here
+is a few nodes over inputs, outputs and initializers (raw bytes, or external data that the
+caller hands to onnxruntime as arrays it already holds). Field numbers are those of
+onnx/onnx.proto.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# TensorProto.DataType
+FLOAT, UINT8, INT8, INT32, INT64, FLOAT16 = 1, 2, 3, 6, 7, 10
+_NP_TO_ONNX = {np.dtype(np.float32): FLOAT, np.dtype(np.uint8): UINT8, np.dtype(np.int8): INT8,
+               np.dtype(np.int32): INT32, np.dtype(np.int64): INT64,
+               np.dtype(np.float16): FLOAT16}
+
+
+def _varint(n: int) -> bytes:
+    if n < 0:
+        n += 1 << 64
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _key(num: int, wire: int) -> bytes:
+    return _varint(num << 3 | wire)
+
+
+def _int(num: int, v: int) -> bytes:
+    return _key(num, 0) + _varint(v)
+
+
+def _bytes(num: int, v: bytes) -> bytes:
+    return _key(num, 2) + _varint(len(v)) + v
+
+
+def _str(num: int, v: str) -> bytes:
+    return _bytes(num, v.encode())
+
+
+def _float(num: int, v: float) -> bytes:
+    return _key(num, 5) + struct.pack("<f", v)
+
+
+@dataclass(frozen=True)
+class Initializer:
+    """A constant tensor: inline bytes, or `length` bytes at `offset` of an external file."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    data: bytes | None = None
+    location: str | None = None  # file name relative to the model's directory
+    offset: int = 0
+    length: int = 0
+
+    def encode(self) -> bytes:
+        out = b"".join(_int(1, d) for d in self.shape)
+        out += _int(2, _NP_TO_ONNX[np.dtype(self.dtype)]) + _str(8, self.name)
+        if self.data is not None:
+            return out + _bytes(9, self.data)
+        assert self.location is not None
+        for k, v in (("location", self.location), ("offset", str(self.offset)),
+                     ("length", str(self.length))):
+            out += _bytes(13, _str(1, k) + _str(2, v))
+        return out + _int(14, 1)
+
+
+@dataclass(frozen=True)
+class Node:
+    op_type: str
+    inputs: Sequence[str]
+    outputs: Sequence[str]
+    attrs: dict[str, int | float] = field(default_factory=dict)
+    domain: str = ""
+
+    def encode(self) -> bytes:
+        out = b"".join(_str(1, i) for i in self.inputs)
+        out += b"".join(_str(2, o) for o in self.outputs)
+        out += _str(3, self.outputs[0]) + _str(4, self.op_type)
+        for name, v in self.attrs.items():
+            if isinstance(v, float):
+                attr = _str(1, name) + _float(2, v) + _int(20, 1)
+            else:
+                attr = _str(1, name) + _int(3, int(v)) + _int(20, 2)
+            out += _bytes(5, attr)
+        if self.domain:
+            out += _str(7, self.domain)
+        return out
+
+
+def _value_info(name: str, dtype: np.dtype, shape: Sequence[int | str]) -> bytes:
+    dims = b"".join(_bytes(1, _str(2, d) if isinstance(d, str) else _int(1, d)) for d in shape)
+    tensor_type = _int(1, _NP_TO_ONNX[np.dtype(dtype)]) + _bytes(2, dims)
+    return _str(1, name) + _bytes(2, _bytes(1, tensor_type))
+
+
+def model_bytes(
+    nodes: Sequence[Node],
+    inputs: Sequence[tuple[str, np.dtype, Sequence[int | str]]],
+    outputs: Sequence[tuple[str, np.dtype, Sequence[int | str]]],
+    initializers: Sequence[Initializer],
+) -> bytes:
+    """A serialized ModelProto (IR 9, opset 17 + com.microsoft 1) of one graph."""
+    graph = b"".join(_bytes(1, n.encode()) for n in nodes) + _str(2, "g")
+    graph += b"".join(_bytes(5, t.encode()) for t in initializers)
+    graph += b"".join(_bytes(11, _value_info(*i)) for i in inputs)
+    graph += b"".join(_bytes(12, _value_info(*o)) for o in outputs)
+    model = _int(1, 9) + _str(2, "gemma-lsp")
+    model += _bytes(8, _str(1, "") + _int(2, 17))
+    model += _bytes(8, _str(1, "com.microsoft") + _int(2, 1))
+    return model + _bytes(7, graph)
