@@ -92,7 +92,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             context=t.InlineCompletionContext(
                 trigger_kind=t.InlineCompletionTriggerKind.Automatic)))
         ms = (time.perf_counter() - t0) * 1000
-        items = res.items if res else []
+        items = (res.items if isinstance(res, t.InlineCompletionList) else res) or []
         rows.append({"kind": kind, "ms": ms, "items": len(items),
                      "text": str(items[0].insert_text) if items else ""})
         await asyncio.sleep(args.type_gap_ms / 1000)

@@ -162,7 +162,7 @@ class LlamaCppSession:
             now = (time.perf_counter() - t0) * 1000
             if first_token is None:
                 first_token = now
-            text += chunk["choices"][0]["text"]
+            text += chunk["choices"][0]["text"]  # type: ignore[index]
             if first_line is None and "\n" in text.lstrip("\n"):
                 first_line = now
         total = (time.perf_counter() - t0) * 1000

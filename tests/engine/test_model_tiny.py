@@ -91,3 +91,32 @@ def test_capacity_and_softcap() -> None:
         KVCache(cfg, cfg.context_length + 1)
     out = forward(cfg, tiny_weights(cfg), [1, 2, 3], KVCache(cfg, 3))
     assert out is not None and np.abs(out).max() <= 2.0
+
+
+def test_a_tree_chunk_equals_each_branch_run_alone() -> None:
+    """Rows fed as a tree (forward(parents=...)) give what each branch gives as a plain
+    sequence after the same prefix, past the sliding window too; siblings do not mix."""
+    cfg = tiny_config()  # window 8: the prefix and branches cross it
+    w = tiny_weights(cfg)
+    prefix = [2, *range(10, 22)]  # 13 tokens
+    # a chain of 3, then two branches of 4 and 9 from its second row, and one from the prefix
+    fed = [30, 31, 32, 40, 41, 42, 43, 50, 51, 52, 53, 54, 55, 56, 57, 58, 60, 61]
+    parents = [-1, 0, 1, 1, 3, 4, 5, 1, 7, 8, 9, 10, 11, 12, 13, 14, -1, 16]
+    kv = KVCache(cfg, 64)
+    forward(cfg, w, prefix, kv, logits="none")
+    tree = forward(cfg, w, fed, kv, logits="all", parents=parents)
+    assert tree is not None and kv.length == len(prefix) + len(fed)
+    for row in range(len(fed)):
+        path = []
+        r = row
+        while r >= 0:
+            path.append(fed[r])
+            r = parents[r]
+        alone = KVCache(cfg, 64)
+        forward(cfg, w, prefix, alone, logits="none")
+        want = forward(cfg, w, path[::-1], alone, logits="last")
+        assert want is not None
+        np.testing.assert_allclose(tree[row], want, rtol=1e-4, atol=1e-4)
+    kv.truncate(len(prefix))  # cut back, the prefix is intact
+    again = forward(cfg, w, [30], kv, logits="last")
+    np.testing.assert_allclose(again, tree[0], rtol=1e-5, atol=1e-5)
