@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from engine.audio import AudioWeights
 from engine.config import ModelConfig
-from engine.kernels.prepacked import PrepackedMatmul
+from engine.kernels.prepacked import MAX_ROWS_TRUNK, Kernels
 from engine.kv_cache import KVCache
 from engine.multimodal import SoftSpan, blocks_in
 from engine.vision import VisionWeights
@@ -78,7 +79,11 @@ class Weights:
     layers: tuple[LayerWeights, ...]
     vision: VisionWeights | None = None  # Gemma 4 unified's image embedder
     audio: AudioWeights | None = None  # and its audio embedder
-    head: PrepackedMatmul | None = None  # the LM head for several rows, once built
+    kernels: Kernels | None = None  # packed kernels for a few rows (engine/kernels), if any
+
+    def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """x (T, in) @ w.T for a weight w (out, in) of this model -> (T, out)."""
+        return x @ w.T if self.kernels is None else self.kernels.linear(x, w)
 
     @classmethod
     def from_packed(cls, config: ModelConfig, packed: Mapping[str, np.ndarray]) -> Weights:
@@ -89,9 +94,15 @@ class Weights:
                             if f"layers.{i}.{n}" in packed})
             for i in range(config.n_layers)
         )
+        kernels = Kernels()
+        for i, layer in enumerate(layers):
+            for n in ("wqkv", "wo", "w_gate_up", "w_down"):
+                kernels.add(getattr(layer, n), f"layers.{i}.{n}", transposed=True,
+                            max_rows=MAX_ROWS_TRUNK)
+        kernels.add(packed["tok_embd_t"], "LM head", transposed=False, max_rows=1 << 30)
         return cls(packed["tok_embd_t"], packed["final_norm"], layers,
                    VisionWeights.from_packed(packed), AudioWeights.from_packed(packed),
-                   PrepackedMatmul(packed["tok_embd_t"], "LM head"))
+                   kernels)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -290,6 +301,25 @@ def forward(
     the cached prefix at once, each row at its own depth; the K/V slots then hold no single
     sequence, so the caller cuts `kv` back to where the tree began before anything else.
     """
+    scope = nullcontext() if w.kernels is None else w.kernels.scope(len(tokens))
+    with scope:  # while packed kernels multiply a few rows, numpy's BLAS runs one thread
+        return _forward(cfg, w, tokens, kv, logits=logits, should_stop=should_stop, soft=soft,
+                        hidden_out=hidden_out, parents=parents)
+
+
+def _forward(
+    cfg: ModelConfig,
+    w: Weights,
+    tokens: Sequence[int] | np.ndarray,
+    kv: KVCache,
+    *,
+    logits: Literal["last", "all", "none"],
+    should_stop: Callable[[], bool] | None,
+    soft: Sequence[SoftSpan],
+    hidden_out: np.ndarray | None,
+    parents: Sequence[int] | None,
+) -> np.ndarray | None:
+    """`forward`'s body: the steps, one comment each."""
     ids = np.asarray(tokens, dtype=np.int64)  # (T,)
     T = ids.shape[0]
     start = kv.length
@@ -329,7 +359,7 @@ def forward(
 
         # attention: pre-norm, q/k/v projections in one matmul
         h = rmsnorm(x, layer.attn_norm, cfg.norm_eps)  # (T, d)
-        qkv = h @ layer.wqkv.T  # (T, (H + 2*KV) * hd)
+        qkv = w.linear(h, layer.wqkv)  # (T, (H + 2*KV) * hd)
         q = qkv[:, : H * hd].reshape(T, H, hd)  # (T, H, hd)
         # q norm over head_dim, then RoPE
         q = apply_rope(rmsnorm(q, layer.q_norm, cfg.norm_eps), cos, sin) * scale  # (T, H, hd)
@@ -347,15 +377,15 @@ def forward(
         att = attention(q, kv.k[src, :KV, :end, :hd], kv.v[src, :KV, :end, :hd], plan,
                         start)  # (T, H*hd)
         # output projection, post-norm, residual
-        x = x + rmsnorm(att @ layer.wo.T, layer.post_attn_norm, cfg.norm_eps)  # (T, d)
+        x = x + rmsnorm(w.linear(att, layer.wo), layer.post_attn_norm, cfg.norm_eps)  # (T, d)
 
         # MLP: pre-norm, GeGLU-tanh, down projection, post-norm, residual
         ff = layer.w_down.shape[1]
         h = rmsnorm(x, layer.ffn_norm, cfg.norm_eps)  # (T, d)
-        gu = h @ layer.w_gate_up.T  # (T, 2*ff)
+        gu = w.linear(h, layer.w_gate_up)  # (T, 2*ff)
         g = np.empty((T, ff), dtype=np.float32)  # (T, ff)
         gelu_tanh_mul(g, gu[:, :ff], gu[:, ff:])
-        x = x + rmsnorm(g @ layer.w_down.T, layer.post_ffn_norm, cfg.norm_eps)  # (T, d)
+        x = x + rmsnorm(w.linear(g, layer.w_down), layer.post_ffn_norm, cfg.norm_eps)  # (T, d)
         if layer.layer_scalar is not None:
             x = x * layer.layer_scalar  # (T, d) Gemma 4's per-layer output scale
 
@@ -374,7 +404,8 @@ def forward(
 
 def lm_head(cfg: ModelConfig, w: Weights, h: np.ndarray) -> np.ndarray:
     """Logits (T, V) of final-normed hidden states h (T, d): the tied embedding, softcapped."""
-    out = h @ w.tok_embd_t if w.head is None else w.head(h)  # (T, V)
+    k = w.kernels
+    out = h @ w.tok_embd_t if k is None else k.matmul(h, w.tok_embd_t)  # (T, V)
     if cfg.final_logit_softcap is not None:
         cap = np.float32(cfg.final_logit_softcap)
         out = np.tanh(out / cap) * cap  # (T, V)

@@ -81,26 +81,27 @@ class Model:
         forward(self.config, self.weights, [self.tokenizer.bos_id], self.new_kv(1))
 
     def build_kernels(self, threads: int, background: bool = False) -> None:
-        """Build the compiled kernels (engine/kernels) on `threads` threads; until they are
+        """Build the packed kernels (engine/kernels) on `threads` threads; until they are
         ready numpy does their work. With `background`, in a thread of its own."""
-        head = self.weights.head
-        if head is None:
+        kernels = self.weights.kernels
+        if kernels is None:
             return
         if background:
-            threading.Thread(target=head.build, args=(threads,), name="kernels",
+            threading.Thread(target=kernels.build, args=(threads,), name="kernels",
                              daemon=True).start()
         else:
-            head.build(threads)
+            kernels.build(threads)
 
     def kernel_status(self) -> dict[str, object]:
-        head = self.weights.head
-        if head is None:
-            return {"lm_head": "numpy"}
-        return {"lm_head": ("onnxruntime MatMul, packed once (2+ rows)" if head.ready
-                            else f"numpy ({head.error})" if head.error else
-                            "numpy (packed kernel not built yet)"),
-                "packed_bytes": head.packed_bytes, "threads": head.threads,
-                "build_s": round(head.build_s, 2)}
+        kernels = self.weights.kernels
+        if kernels is None:
+            return {"state": "off: none for this model", "backend": "numpy"}
+        st = kernels.stats
+        return {"state": st.state,
+                "backend": ("onnxruntime, matrices packed once (2+ rows)" if kernels.ready
+                            else "numpy"),
+                "matrices": st.matrices, "packed_bytes": st.packed_bytes,
+                "threads": st.threads, "build_s": st.build_s}
 
     def new_kv(self, capacity: int) -> KVCache:
         return KVCache(self.config, min(capacity, self.config.context_length))

@@ -69,6 +69,8 @@ def bench_ours(threads: int, repeat: int, cold: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = Model.load()
     res["load_s_this_process"] = time.perf_counter() - t0
+    model.build_kernels(n)  # as the daemon does once it serves (in the background there)
+    res["kernels"] = model.kernel_status()
 
     for n_tok in (128, 512, 1024):
         ids = _prompt_ids(model, n_tok)

@@ -103,6 +103,7 @@ def main() -> None:
 
     blas, threads = pin_blas_threads(args.threads)
     model = Model.load()
+    model.build_kernels(threads)  # as the daemon does once it serves
     t = time.perf_counter()
     G.ll_tokenizer(model.tokenizer)
     build_s = time.perf_counter() - t

@@ -182,6 +182,7 @@ def main() -> int:
     blas, threads = pin_blas_threads(args.threads)
     model = Model.load()
     model.warm_up()
+    model.build_kernels(threads)  # as the daemon does once it serves (the LM head, 2+ rows)
     text, src = source_text()
     load = os.getloadavg()
     print(f"BLAS {blas}, {threads} threads; load average {load[0]:.1f} on "

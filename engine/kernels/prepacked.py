@@ -1,17 +1,24 @@
-"""`x @ B` for a constant fp32 B by onnxruntime's MatMul, which packs B once.
+"""Matmuls of a few rows by the model's constant fp32 matrices, by onnxruntime with each
+matrix packed once; `Kernels.linear(x, W)` picks that or numpy per call.
 
-OpenBLAS packs its B operand on every sgemm call. For the tied LM head of Gemma 3 270M (B is
-640 x 262144, 671 MB) that copy is the whole cost at a few rows: measured here (2 threads),
-numpy takes 122 ms for 4 rows and 133 ms for 16, against 24 ms for one row (GEMV needs no
-packing). onnxruntime's CPU MatMul packs a constant B when its session is built and reuses
-the packed copy: 29 ms for 4 rows, 33 ms for 8, 45 ms for 16, 90 ms for 48, fp32 throughout
-(|difference| ~3e-6 on logits of magnitude ~30: summation order only). That is what verifying
-drafted tokens and scoring next-edit candidates multiply.
+OpenBLAS packs a matrix operand on every sgemm call. For one row numpy uses GEMV (no
+packing); from two rows up the copy is the cost. Measured here (2 threads, Gemma 3 270M):
 
-The cost: the packed copy (the size of B, in memory, not on disk) and ~1.3 s to build it, so
-the engine builds it in the background once it serves and uses numpy until it is ready.
-Single rows stay with numpy's GEMV, which is as fast. Without onnxruntime, or if building
-fails, numpy does everything (a warning says why).
+| matrix | numpy, 1 row | numpy, 2 / 10 / 45 rows | packed kernel, 2 / 10 / 45 rows |
+|---|---|---|---|
+| LM head 640 x 262144 | 24 ms | 122 / 130 / 200 ms | 29 / 40 / 90 ms |
+| w_gate_up 4096 x 640 | 0.08 ms | 0.95 / 1.11 / 2.1 ms | 0.12 / 0.28 / 1.3 ms |
+| w_down 640 x 2048 | 0.04 ms | 0.42 / 0.67 / 1.3 ms | 0.08 / 0.27 / 1.9 ms |
+
+so a 2-row forward cost 2.1x a one-row decode step and a 10-row one 2.7x: what verifying
+drafted tokens and scoring next-edit candidates run. onnxruntime's CPU Gemm/MatMul packs a
+constant operand when its session is built and reuses it (fp32 throughout; results differ
+from numpy's by summation order only, ~3e-6 on logits of magnitude ~30).
+
+The cost: a packed copy of every matrix (as large as the fp32 weights, in memory, not on
+disk) and a few seconds to build, so the engine builds them in the background once it serves
+and numpy works until then. Without onnxruntime, or if a build fails, numpy does everything
+(a warning says why). Activations stay fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +26,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -26,61 +37,39 @@ from engine.kernels.onnx_graph import Initializer, Node, model_bytes
 
 log = logging.getLogger(__name__)
 
-MIN_ROWS = 2  # from this many rows up the packed kernel beats BLAS (one row: GEMV, no packing)
+MIN_ROWS = 2  # below this numpy's GEMV is as fast (no packing)
+MAX_ROWS_TRUNK = 32  # past this numpy's sgemm amortises its packing on the trunk's matrices
 
 
 class PrepackedMatmul:
-    """Multiplies rows by `b` (K, N), fp32, C-contiguous (kept by reference, never copied)."""
+    """`x @ w.T` for `w` (N, K) (`transposed`, the engine's `(out, in)` layout), or `x @ w`
+    for `w` (K, N). `w` is fp32, C-contiguous, kept by reference and never copied here."""
 
-    def __init__(self, b: np.ndarray, name: str) -> None:
-        assert b.ndim == 2 and b.dtype == np.float32 and b.flags["C_CONTIGUOUS"], (
-            b.shape, b.dtype)
-        self.b = b
+    def __init__(self, w: np.ndarray, name: str, *, transposed: bool) -> None:
+        assert w.ndim == 2 and w.dtype == np.float32 and w.flags["C_CONTIGUOUS"], (
+            name, w.shape, w.dtype)
+        self.w = w
         self.name = name
-        self.error: str | None = None  # why the kernel is not in use, once building failed
-        self.build_s = 0.0
-        self.threads = 0
+        self.transposed = transposed
         self._session: object | None = None
-        self._value: object | None = None  # the OrtValue over b: must outlive the session
-        self._lock = threading.Lock()
+        self._value: object | None = None  # the OrtValue over w: must outlive the session
 
     @property
     def ready(self) -> bool:
         return self._session is not None
 
-    @property
-    def packed_bytes(self) -> int:
-        """Memory the packed copy holds (0 until built)."""
-        return int(self.b.nbytes) if self.ready else 0
-
-    def build(self, threads: int) -> bool:
-        """Build the session (once; later calls return at once). False if it cannot be."""
-        with self._lock:
-            if self._session is not None or self.error is not None:
-                return self._session is not None
-            t0 = time.perf_counter()
-            try:
-                self._session = self._make_session(threads)
-            except Exception as e:  # noqa: BLE001 - numpy keeps doing the work
-                self.error = f"{type(e).__name__}: {e}"
-                log.warning("%s: no packed kernel (%s); numpy multiplies it", self.name,
-                            self.error)
-                return False
-            self.build_s = time.perf_counter() - t0
-            self.threads = threads
-            log.info("%s: packed kernel ready in %.1fs (%d threads)", self.name, self.build_s,
-                     threads)
-            return True
-
-    def _make_session(self, threads: int) -> object:
+    def build(self, threads: int) -> None:
+        """Build the session (raises if onnxruntime is missing or refuses the graph)."""
         import onnxruntime as ort
 
-        k, n = self.b.shape
+        n, k = self.w.shape if self.transposed else self.w.shape[::-1]
         f32 = np.dtype(np.float32)
+        node = (Node("Gemm", ["X", "W"], ["Y"], {"transB": 1}) if self.transposed
+                else Node("MatMul", ["X", "W"], ["Y"]))
         proto = model_bytes(
-            [Node("MatMul", ["X", "B"], ["Y"])],
-            [("X", f32, ["rows", k])], [("Y", f32, ["rows", n])],
-            [Initializer("B", f32, (k, n), location="B", offset=0, length=int(self.b.nbytes))])
+            [node], [("X", f32, ["rows", k])], [("Y", f32, ["rows", n])],
+            [Initializer("W", f32, tuple(self.w.shape), location="W", offset=0,
+                         length=int(self.w.nbytes))])
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -88,14 +77,106 @@ class PrepackedMatmul:
         # no spinning: between calls the numpy side needs the cores
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self._value = ort.OrtValue.ortvalue_from_numpy(self.b)
-        so.add_external_initializers(["B"], [self._value])
-        return ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"])
+        self._value = ort.OrtValue.ortvalue_from_numpy(self.w)
+        so.add_external_initializers(["W"], [self._value])
+        self._session = ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x (M, K) @ b -> (M, N): the packed kernel when built and M >= MIN_ROWS."""
-        session = self._session
-        if session is None or x.shape[0] < MIN_ROWS:
-            return x @ self.b  # (M, N)
-        out = session.run(None, {"X": np.ascontiguousarray(x, dtype=np.float32)})  # type: ignore[attr-defined]
+        """(M, K) -> (M, N) by the packed kernel (built first)."""
+        assert self._session is not None, self.name
+        out = self._session.run(  # type: ignore[attr-defined]
+            None, {"X": np.ascontiguousarray(x, dtype=np.float32)})
         return out[0]  # (M, N)
+
+
+@dataclass
+class KernelStats:
+    state: str = "not built"  # "building", "ready", "off: <why>"
+    matrices: int = 0
+    packed_bytes: int = 0
+    threads: int = 0
+    build_s: float = 0.0
+
+
+class Kernels:
+    """The packed kernels of one model's matrices, found by the matrix itself (its identity:
+    the forward pass passes the arrays it holds). Built once, in a thread if asked; each
+    `linear` call uses a kernel only once all are built."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[PrepackedMatmul, int]] = {}  # id(w) -> (kernel, max rows)
+        self._ready = False
+        self._lock = threading.Lock()
+        self._blas: list[Any] = []  # numpy's BLAS pools (threadpoolctl controllers)
+        self.stats = KernelStats()
+
+    def add(self, w: np.ndarray, name: str, *, transposed: bool, max_rows: int) -> None:
+        """Register `w` ((N, K) if `transposed`, else (K, N)) for 2..max_rows rows."""
+        assert not self._ready
+        self._by_id[id(w)] = (PrepackedMatmul(w, name, transposed=transposed), max_rows)
+
+    def build(self, threads: int) -> None:
+        """Build every kernel (once). On any failure numpy keeps doing all the work."""
+        with self._lock:
+            if self.stats.state != "not built":
+                return
+            self.stats.state = "building"
+            t0 = time.perf_counter()
+            try:
+                for k, _ in self._by_id.values():
+                    k.build(threads)
+            except Exception as e:  # noqa: BLE001 - numpy keeps doing the work
+                self.stats.state = f"off: {type(e).__name__}: {e}"
+                log.warning("no packed kernels (%s: %s); numpy multiplies everything",
+                            type(e).__name__, e)
+                for k, _ in self._by_id.values():
+                    k._session = k._value = None
+                return
+            from threadpoolctl import ThreadpoolController
+
+            self._blas = ThreadpoolController().select(user_api="blas").lib_controllers
+            self.stats = KernelStats("ready", len(self._by_id),
+                                     sum(int(k.w.nbytes) for k, _ in self._by_id.values()),
+                                     threads, round(time.perf_counter() - t0, 2))
+            self._ready = True
+            log.info("packed kernels ready: %d matrices, %.0f MB, %.1fs (%d threads)",
+                     self.stats.matrices, self.stats.packed_bytes / 2**20, self.stats.build_s,
+                     threads)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @contextmanager
+    def scope(self, rows: int) -> Iterator[None]:
+        """Around a forward over `rows` rows: while the packed kernels do its matmuls,
+        numpy's BLAS (attention's small products) runs on one thread. Its idle workers
+        otherwise spin on the other core after every call and the kernels' threads wait for
+        it: measured, a 10-row forward took 115 ms that way and 98 ms this way."""
+        if not (self._ready and MIN_ROWS <= rows <= MAX_ROWS_TRUNK and self._blas):
+            yield
+            return
+        before = [c.get_num_threads() for c in self._blas]
+        for c in self._blas:
+            c.set_num_threads(1)
+        try:
+            yield
+        finally:
+            for c, n in zip(self._blas, before, strict=True):
+                c.set_num_threads(n)
+
+    def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """x (M, K) @ w.T for the engine's `(out, in)` w -> (M, N)."""
+        if self._ready and x.shape[0] >= MIN_ROWS:
+            found = self._by_id.get(id(w))
+            if found is not None and x.shape[0] <= found[1]:
+                return found[0](x)
+        return x @ w.T  # (M, N)
+
+    def matmul(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """x (M, K) @ w for w (K, N) (the tied LM head) -> (M, N)."""
+        if self._ready and x.shape[0] >= MIN_ROWS:
+            found = self._by_id.get(id(w))
+            if found is not None and x.shape[0] <= found[1]:
+                return found[0](x)
+        return x @ w  # (M, N)

@@ -1,69 +1,85 @@
-"""engine/kernels: the packed LM-head kernel equals numpy's product (two paths agree), for
-every row count and an odd width; the model's logits and next-edit scores agree with and
-without it; without onnxruntime numpy does the work."""
+"""engine/kernels: each packed kernel equals numpy's product (two paths agree) for 1 to 16
+rows, both layouts, an odd width; the model's logits and next-edit scores agree with and
+without them; without onnxruntime numpy does the work."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from engine.kernels.prepacked import MIN_ROWS, PrepackedMatmul
+from engine.kernels.prepacked import Kernels, PrepackedMatmul
 from engine.kv_cache import KVCache
-from engine.model import Weights, forward
+from engine.model import forward
 from engine.scoring import score
 
 
-def test_the_packed_product_equals_numpys_for_1_to_16_rows() -> None:
+@pytest.mark.parametrize("transposed", [True, False])
+def test_a_packed_product_equals_numpys_for_1_to_16_rows(transposed: bool) -> None:
     rng = np.random.default_rng(0)
-    b = rng.standard_normal((64, 1037)).astype(np.float32)  # an odd width
-    k = PrepackedMatmul(b, "test")
-    assert not k.ready and k.build(2) and k.ready and k.packed_bytes == b.nbytes
+    w = rng.standard_normal((1037, 64) if transposed else (64, 1037)).astype(np.float32)
+    k = PrepackedMatmul(w, "test", transposed=transposed)
+    k.build(2)
     for rows in range(1, 17):
         x = rng.standard_normal((rows, 64)).astype(np.float32)
-        np.testing.assert_allclose(k(x), x @ b, rtol=1e-5, atol=1e-4)
-    view = rng.standard_normal((8, 128)).astype(np.float32)[:, ::2]  # not contiguous
-    np.testing.assert_allclose(k(view), view @ b, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(k(x), x @ (w.T if transposed else w), rtol=1e-5, atol=1e-4)
+
+
+def test_linear_uses_a_kernel_within_its_rows_only() -> None:
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((40, 24)).astype(np.float32)
+    ks = Kernels()
+    ks.add(w, "w", transposed=True, max_rows=4)
+    x = rng.standard_normal((6, 24)).astype(np.float32)
+    assert not ks.ready
+    np.testing.assert_array_equal(ks.linear(x, w), x @ w.T)  # numpy until built
+    ks.build(2)
+    assert ks.ready and ks.stats.matrices == 1 and ks.stats.packed_bytes == w.nbytes
+    np.testing.assert_allclose(ks.linear(x[:3], w), x[:3] @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ks.linear(x, w), x @ w.T)  # 6 rows: past max_rows
+    other = w.copy()  # not registered: numpy
+    np.testing.assert_array_equal(ks.linear(x[:3], other), x[:3] @ other.T)
+    view = rng.standard_normal((3, 48)).astype(np.float32)[:, ::2]  # not contiguous
+    np.testing.assert_allclose(ks.linear(view, w), view @ w.T, rtol=1e-5, atol=1e-5)
 
 
 def test_without_onnxruntime_numpy_does_the_work(monkeypatch: pytest.MonkeyPatch,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
-    b = np.ones((8, 16), dtype=np.float32)
-    k = PrepackedMatmul(b, "LM head")
-    assert not k.build(2) and not k.ready and "onnxruntime" in str(k.error)
-    assert "numpy multiplies it" in caplog.text
-    x = np.ones((MIN_ROWS + 3, 8), dtype=np.float32)
-    np.testing.assert_array_equal(k(x), x @ b)
+    w = np.ones((16, 8), dtype=np.float32)
+    ks = Kernels()
+    ks.add(w, "w", transposed=True, max_rows=8)
+    ks.build(2)
+    assert not ks.ready and ks.stats.state.startswith("off:") and "onnxruntime" in ks.stats.state
+    assert "numpy multiplies everything" in caplog.text
+    x = np.ones((5, 8), dtype=np.float32)
+    np.testing.assert_array_equal(ks.linear(x, w), x @ w.T)
 
 
-def _without_head(w: Weights) -> Weights:
-    from dataclasses import replace
-
-    return replace(w, head=None)
-
-
-def test_logits_and_scores_agree_with_and_without_the_kernel(model: Any) -> None:
+def test_logits_and_scores_agree_with_and_without_the_kernels(model: Any) -> None:
     cfg, w = model.config, model.weights
-    assert w.head is not None
-    model.build_kernels(2)
-    assert w.head.ready and model.kernel_status()["packed_bytes"] == w.tok_embd_t.nbytes
+    assert w.kernels is not None and w.kernels.ready  # the test model builds them
+    st = model.kernel_status()
+    assert st["state"] == "ready" and st["matrices"] == 4 * cfg.n_layers + 1
+    plain_w = replace(w, kernels=None)
     tok = model.tokenizer
     ids = tok.encode("def add(a, b):\n    return a + b\n", add_bos=True)
-    fast = forward(cfg, w, ids, KVCache(cfg, 64), logits="all")
-    plain = forward(cfg, _without_head(w), ids, KVCache(cfg, 64), logits="all")
-    assert fast is not None and plain is not None
-    assert np.abs(fast - plain).max() < 1e-3
-    assert (fast.argmax(-1) == plain.argmax(-1)).all()
+    for rows in (2, 5, len(ids)):
+        fast = forward(cfg, w, ids[:rows], KVCache(cfg, 64), logits="all")
+        plain = forward(cfg, plain_w, ids[:rows], KVCache(cfg, 64), logits="all")
+        assert fast is not None and plain is not None
+        assert np.abs(fast - plain).max() < 1e-3
+        assert (fast.argmax(-1) == plain.argmax(-1)).all()
 
     prompt = tok.encode("x = 1\n", add_bos=True)
     conts = [tok.encode(c) for c in ("y = x + 1\n", "y = x - 1\n", "print(x)\n")]
     with_k = score(model, KVCache(cfg, 64), prompt, conts)
 
     class _Plain:
-        config, weights = cfg, _without_head(w)
+        config, weights = cfg, plain_w
 
     without = score(_Plain(), KVCache(cfg, 64), prompt, conts)  # type: ignore[arg-type]
     for a, b in zip(with_k, without, strict=True):
