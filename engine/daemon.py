@@ -46,6 +46,7 @@ class DaemonOptions:
     client_stall_s: float = 30.0  # a paused client that reads nothing this long is dropped
     draft_model: str | None = None  # a Gemma 4 assistant to draft with (None: prompt lookup)
     speculate: bool = True  # False: never draft, whatever requests ask
+    kernels: bool = True  # False: no packed matmul kernels (engine/kernels), numpy only
 
     def __post_init__(self) -> None:
         if self.client_buffer_kb < 4:
@@ -316,7 +317,10 @@ class Daemon:
             self._install_signals()
             threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
             self._status("ready", f"serving {self.model.name}")
-            self.model.build_kernels(threads, background=True)  # numpy works until then
+            if self.opts.kernels:
+                self.model.build_kernels(threads, background=True)  # numpy works until then
+            elif self.model.weights.kernels is not None:
+                self.model.weights.kernels.stats.state = "off: --no-kernels"
             while not self._stop.wait(0.5):
                 if self._idle_expired():
                     self.request_stop("idle")

@@ -131,7 +131,8 @@ class EngineBackend:
     """The resident engine (`gemma-lsp engine`) through `engine_client.EngineClient`."""
 
     def __init__(self, socket_path: str | None = None, autostart: bool = True,
-                 model: str | None = None, draft_model: str | None = None) -> None:
+                 model: str | None = None, draft_model: str | None = None,
+                 kernels: bool = True) -> None:
         from gemma_lsp.engine_client import EngineClient
 
         self._lock = threading.Lock()
@@ -139,7 +140,7 @@ class EngineBackend:
         self._make = lambda: EngineClient(socket_path=socket_path, autostart=autostart,
                                           model=model, start_wait=START_WAIT_S,
                                           on_start=self._on_start, connect=False,
-                                          draft_model=draft_model)
+                                          draft_model=draft_model, kernels=kernels)
         self._client: Any = None
         self._listener: Any = None
         self.model_name = "gemma-3-270m"

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "cached repo id to draft with (default: prompt lookup)")
     e.add_argument("--no-speculate", action="store_true",
                    help="never draft: decode one token per step")
+    e.add_argument("--no-kernels", action="store_true",
+                   help="no packed matmul kernels: numpy does every product (saves memory the "
+                   "size of the weights; verifying drafts and scoring next edits get slower)")
     e.add_argument("--cache-mb", type=int, default=512, help="prompt cache budget in MB")
     e.add_argument("--no-persist", action="store_true", help="do not load/save the cache")
     e.add_argument("--cache-file", type=Path, help="where the prompt cache is saved")
@@ -246,7 +249,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
             model=args.model, threads=args.threads, persist=not args.no_persist,
             cache_file=args.cache_file, http=http, client_buffer_kb=args.client_buffer_kb,
             client_stall_s=args.client_stall_s, draft_model=args.draft_model,
-            speculate=not args.no_speculate,
+            speculate=not args.no_speculate, kernels=not args.no_kernels,
         )
         return serve(opts)
     except ValueError as e:

@@ -86,6 +86,7 @@ class EngineOptions:
     socket_path: str | None = None  # None: the engine client's default
     model: str | None = None  # builtin: GGUF path (None: the embedded model)
     draft_model: str | None = None  # builtin: a Gemma 4 assistant (MTP) checkpoint or repo id
+    kernels: bool = True  # builtin: packed matmul kernels (False saves memory, runs slower)
     url: str = "http://127.0.0.1:8080/v1"  # openai: server base URL
     api_key: str | None = None
     model_name: str | None = None  # openai: the "model" field; also picks the FIM template
@@ -226,6 +227,7 @@ _RULES: dict[type, dict[str, _Rule]] = {
         "socket_path": _str(optional=True),
         "model": _str(optional=True),
         "draft_model": _str(optional=True),
+        "kernels": _bool(),
         "url": _str(),
         "api_key": _str(optional=True),
         "model_name": _str(optional=True),

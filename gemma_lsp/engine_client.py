@@ -247,6 +247,7 @@ class EngineClient:
         on_start: StartListener | None = None,
         connect: bool = True,
         draft_model: str | None = None,
+        kernels: bool = True,
     ) -> None:
         """`start_wait`: how long a request waits for an engine that builds its model copy
         (a first start) before it fails with code "starting" (default: `start_timeout`; one
@@ -257,6 +258,7 @@ class EngineClient:
         self.autostart = autostart
         self.model_path = model
         self.draft_model = draft_model
+        self.kernels = kernels
         self.start_timeout = start_timeout
         self.start_wait = start_timeout if start_wait is None else start_wait
         self.on_start = on_start
@@ -462,6 +464,8 @@ class EngineClient:
             cmd += ["--model", self.model_path]
         if self.draft_model:
             cmd += ["--draft-model", self.draft_model]
+        if not self.kernels:
+            cmd += ["--no-kernels"]
         return cmd
 
     def _read(self, sock: socket.socket) -> None:

@@ -217,3 +217,17 @@ def test_never_raises(raw: Any) -> None:
     assert all(isinstance(w, str) for w in warnings)
     assert 1 <= opts.completion.candidates <= 3
     assert opts.engine.backend in ("builtin", "openai")
+
+
+def test_engine_kernels_option_reaches_the_engines_command() -> None:
+    from gemma_lsp.backend import EngineBackend
+    from gemma_lsp.engine_client import EngineClient
+
+    opts, warnings = parse_options({"engine": {"kernels": False}})
+    assert not warnings and opts.engine.kernels is False
+    assert "--no-kernels" in EngineClient(autostart=False, connect=False,
+                                          kernels=False)._command()
+    assert "--no-kernels" not in EngineClient(autostart=False, connect=False)._command()
+    EngineBackend(kernels=False)  # the option's way from the config to the client
+    _, warnings = parse_options({"engine": {"kernels": "no"}})
+    assert warnings and "kernels" in warnings[0]
