@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -134,8 +135,8 @@ class PromptCache:
             if child is None:
                 new = Node(
                     ids[pos:end].copy(),
-                    kv.k[:, :, pos:end].copy(),
-                    kv.v[:, :, pos:end].copy(),
+                    _own(kv.k[:, :, pos:end]),
+                    _own(kv.v[:, :, pos:end]),
                     node,
                     last_used=now,
                 )
@@ -157,16 +158,16 @@ class PromptCache:
         assert 0 < n < len(node.tokens) and node.parent is not None
         upper = Node(
             node.tokens[:n].copy(),
-            node.k[:, :, :n].copy(),
-            node.v[:, :, :n].copy(),
+            _own(node.k[:, :, :n]),
+            _own(node.v[:, :, :n]),
             node.parent,
             last_used=node.last_used,
             holds=node.holds,
         )
         node.parent.children[int(node.tokens[0])] = upper
         node.tokens = node.tokens[n:].copy()
-        node.k = node.k[:, :, n:].copy()
-        node.v = node.v[:, :, n:].copy()
+        node.k = _own(node.k[:, :, n:])
+        node.v = _own(node.v[:, :, n:])
         node.parent = upper
         upper.children[int(node.tokens[0])] = node
         self.n_nodes += 1
@@ -286,8 +287,8 @@ class PromptCache:
             nodes: list[Node] = []
             self.clear()
             for i in range(len(parents)):
-                k = np.array(tensors[f"{i}.k"])  # copy out of the map: nodes own their K/V
-                v = np.array(tensors[f"{i}.v"])
+                k = _own(tensors[f"{i}.k"])  # copy out of the map: nodes own their K/V
+                v = _own(tensors[f"{i}.v"])
                 toks = np.array(tensors[f"{i}.tokens"])
                 if k.shape != (self.shape[0], self.shape[1], len(toks), self.shape[2]) \
                         or v.shape != k.shape:
@@ -340,3 +341,16 @@ def _common_len(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     diff = np.flatnonzero(a[:n] != b[:n])
     return int(diff[0]) if diff.size else n
+
+
+def _own(a: np.ndarray) -> np.ndarray:
+    """A copy of `a` in an anonymous mapping of its own, unmapped when the node goes.
+
+    Nodes are often a keystroke's few tokens (18 KB a token for the 270M model): from the
+    heap they leave holes that eviction cannot give back, and under 8 editor windows the
+    engine's RSS grew ~400 MB past its K/V budget that way."""
+    if a.nbytes == 0:
+        return a.copy()
+    out = np.frombuffer(mmap.mmap(-1, a.nbytes), dtype=a.dtype).reshape(a.shape)
+    out[...] = a
+    return out

@@ -80,17 +80,20 @@ class Model:
 
         forward(self.config, self.weights, [self.tokenizer.bos_id], self.new_kv(1))
 
-    def build_kernels(self, threads: int, background: bool = False) -> None:
+    def build_kernels(self, threads: int, background: bool = False) -> threading.Thread | None:
         """Build the packed kernels (engine/kernels) on `threads` threads; until they are
-        ready numpy does their work. With `background`, in a thread of its own."""
+        ready numpy does their work. With `background`, in a thread of its own, returned (join
+        it before the process exits: onnxruntime aborts if torn down mid-build)."""
         kernels = self.weights.kernels
         if kernels is None:
-            return
-        if background:
-            threading.Thread(target=kernels.build, args=(threads,), name="kernels",
-                             daemon=True).start()
-        else:
+            return None
+        if not background:
             kernels.build(threads)
+            return None
+        thread = threading.Thread(target=kernels.build, args=(threads,), name="kernels",
+                                  daemon=True)
+        thread.start()
+        return thread
 
     def kernel_status(self) -> dict[str, object]:
         kernels = self.weights.kernels

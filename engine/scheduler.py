@@ -45,7 +45,7 @@ WARM_PRIORITY = 1000  # warming runs after everything else
 KV_ROUND = 1024  # working K/V capacity is rounded up to this (pages are touched lazily)
 MAX_SCORE_CONTINUATIONS = 16
 CHUNK_TARGET_S = 0.2  # a prefill chunk's wall time: another client's wait at most
-MIN_CHUNK = 64  # smaller chunks waste the matmuls (measured: scripts/bench_load.py, README)
+MIN_CHUNK = 32  # smaller chunks waste the matmuls (32 rows run on the packed kernels)
 CHUNK_ROUND = 32
 AGE_S = 10.0  # a request waiting this long competes at interactive priority
 MAX_ACTIVE = 4  # jobs holding a working K/V at once
@@ -223,6 +223,7 @@ class Scheduler:
             "model_path": str(files.source),
             "model_sha256": files.source_sha256,
             "cache": self.cache.stats(),
+            "kv_working_bytes": self._working_bytes(),
             "prefill_tok_s": round(self._prefill_tok_s, 1),
             "decode_tok_s": round(self._decode_tok_s, 1),
             "requests_served": self._served,

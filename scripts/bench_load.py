@@ -173,6 +173,36 @@ class Window:
                 "errors": len(self.errors), "error_samples": self.errors[:3]}
 
 
+def kv_bytes(sock: Path) -> dict[str, float]:
+    """The engine's K/V memory by its own count (MB): prompt cache and working buffers."""
+    from gemma_lsp.engine_client import EngineClient
+
+    client = EngineClient(socket_path=sock, autostart=False, name="bench-load")
+    try:
+        st = client.status()
+        return {"prompt_cache_mb": round(st["cache"]["bytes"] / 2**20, 1),
+                "working_kv_mb": round(st.get("kv_working_bytes", 0) / 2**20, 1)}
+    finally:
+        client.close()
+
+
+def wait_for_kernels(sock: Path, timeout_s: float = 120.0) -> dict[str, Any]:
+    """The engine's kernel status once they are built (or off): they belong to the model's
+    memory, which the RSS target is measured against."""
+    from gemma_lsp.engine_client import EngineClient
+
+    client = EngineClient(socket_path=sock, autostart=False, name="bench-load")
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            k = dict(client.status().get("kernels") or {})
+            if k.get("state") not in ("not built", "building") or time.monotonic() > deadline:
+                return k
+            time.sleep(0.2)
+    finally:
+        client.close()
+
+
 def overtake(sock: Path, files_text: list[str], long_tokens: int, n: int) -> dict[str, Any]:
     """Phase 2: a 1-token completion's wait while another client's long prompt prefills."""
     from engine import protocol as P
@@ -236,7 +266,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(0.1)
             finally:
                 s.close()
-        base_rss = rss_mb(daemon.pid)
+        kernels = await asyncio.to_thread(wait_for_kernels, sock)
+        base_rss = rss_mb(daemon.pid)  # the model as it serves: weights and packed kernels
         samples: list[tuple[float, float]] = []
         stop_sampling = threading.Event()
         t_start = time.monotonic()
@@ -252,11 +283,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(args.warm_wait_s)  # the servers warm their documents on a pause
         until = time.monotonic() + args.duration_s
         await asyncio.gather(*(w.type_for(until) for w in windows))
+        kv_after_typing = await asyncio.to_thread(kv_bytes, sock)
         await asyncio.gather(*(w.stop() for w in windows))
         phase2 = None
         if args.long_tokens > 0:
             phase2 = await asyncio.to_thread(overtake, sock, [d[1] for d in docs],
                                              args.long_tokens, args.overtake_requests)
+        kv_after_long = await asyncio.to_thread(kv_bytes, sock)
         stop_sampling.set()
     finally:
         daemon.terminate()
@@ -286,6 +319,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "min_client_requests": min(c["requests"] for c in clients),
         "engine_rss_after_load_mb": round(base_rss, 1), "cache_budget_mb": args.cache_mb,
         "engine_rss_peak_mb": round(peak, 1), "rss_limit_mb": round(limit, 1),
+        "kernels": kernels, "kv_after_typing": kv_after_typing, "kv_after_long": kv_after_long,
         "machine_load_avg": os.getloadavg(),
     }
     summary["targets"] = {

@@ -74,6 +74,7 @@ class PrepackedMatmul:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        so.enable_cpu_mem_arena = False  # outputs are freed, not kept at their largest size
         # no spinning: between calls the numpy side needs the cores
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")

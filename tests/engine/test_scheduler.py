@@ -15,7 +15,7 @@ from engine import protocol as P
 from engine.generate import GenerateOptions, Step, generate
 from engine.prompt_cache import PromptCache
 from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import CHUNK_ROUND, MIN_CHUNK, Scheduler
 from tests.conftest import TYPING_BASE
 
 BASE = TYPING_BASE
@@ -189,8 +189,9 @@ def test_prefill_chunks_follow_the_measured_speed(model: Any, sched: Scheduler) 
     _, done = client.until_end(1)
     assert isinstance(done, P.Done)
     chunk = sched.status()["prefill_chunk"]
-    assert 64 <= chunk <= sched.interactive_chunk and chunk % 32 == 0
+    assert MIN_CHUNK <= chunk <= sched.interactive_chunk and chunk % CHUNK_ROUND == 0
     tok_s = sched._chunk_tok_s
     assert tok_s > 0
-    want = min(sched.interactive_chunk, max(64, int(tok_s * sched.chunk_target_s) // 32 * 32))
+    want = min(sched.interactive_chunk,
+               max(MIN_CHUNK, int(tok_s * sched.chunk_target_s) // CHUNK_ROUND * CHUNK_ROUND))
     assert chunk == want
