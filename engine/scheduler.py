@@ -5,7 +5,10 @@ Each request becomes a Job whose work runs as a generator on the compute thread,
 the most urgent priority first (a job that waited `age_s` competes as interactive, so nothing
 starves behind a stream of completions); within it, the client that has had the least compute
 time so far (fair queuing between clients: each unit's seconds are charged to its client, and
-a client that comes back starts level with the least-served one), and that client's oldest
+a client that comes back starts level with the least-served busy one, or up to DEBT_S behind
+it if it had used more: accounts outlive a moment without work, since resetting light clients
+each time they came back starved a client that stayed busy with heavy requests, a 60 s wait
+under 8 windows), and that client's oldest
 job. Prefill chunks are sized from the measured prefill speed to take about `chunk_target_s`,
 so another client's keystroke starts within one chunk of a long prompt. At most `max_active`
 jobs hold a working K/V at once (others wait for one to finish). A job whose client is not
@@ -20,6 +23,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -48,6 +52,7 @@ CHUNK_TARGET_S = 0.2  # a prefill chunk's wall time: another client's wait at mo
 MIN_CHUNK = 32  # smaller chunks waste the matmuls (32 rows run on the packed kernels)
 CHUNK_ROUND = 32
 AGE_S = 10.0  # a request waiting this long competes at interactive priority
+DEBT_S = 2.0  # compute seconds a returning client may still be behind the busy ones
 MAX_ACTIVE = 4  # jobs holding a working K/V at once
 
 
@@ -120,8 +125,11 @@ class Scheduler:
         self.max_active = max_active
         # a prompt of more bytes than this cannot fit the context: refused before tokenizing
         self.max_prompt_bytes = model.config.context_length * model.tokenizer.max_token_bytes()
-        self._served_s: dict[Client, float] = {}  # compute seconds per client with work
-        self._last_unit: dict[Client, float] = {}  # when each client's last unit ended
+        # compute seconds per client (kept while it is connected, work or not), when each
+        # client's last unit ended, and the clients that have no work right now
+        self._served_s: weakref.WeakKeyDictionary[Client, float] = weakref.WeakKeyDictionary()
+        self._last_unit: weakref.WeakKeyDictionary[Client, float] = weakref.WeakKeyDictionary()
+        self._idle: weakref.WeakSet[Client] = weakref.WeakSet()
         self._chunk_tok_s = 0.0  # measured prefill speed of a chunk (EMA)
         self._cv = threading.Condition()
         self._jobs: list[Job] = []  # queued and started, not finished
@@ -359,8 +367,7 @@ class Scheduler:
             if job in self._jobs:
                 self._jobs.remove(job)
             if not any(j.client is job.client for j in self._jobs):
-                self._served_s.pop(job.client, None)  # it comes back level, with no credit
-                self._last_unit.pop(job.client, None)
+                self._idle.add(job.client)  # it comes back level with the busy, no credit
 
     # ------------------------------------------------------------------ choosing
 
@@ -387,9 +394,14 @@ class Scheduler:
         # fair queuing between clients: the least compute so far; newcomers start level and
         # win the tie (least recently served first), so they start within one unit
         clients = list(dict.fromkeys(j.client for j in ready))
-        level = min((self._served_s[c] for c in clients if c in self._served_s), default=0.0)
-        for c in clients:
-            self._served_s.setdefault(c, level)
+        back = [c for c in clients if c in self._idle or c not in self._served_s]
+        busy = [self._served_s[c] for c in clients if c not in back]
+        level = min(busy) if busy else min((self._served_s.get(c, 0.0) for c in clients),
+                                           default=0.0)
+        for c in back:  # no credit for time away; debt from before it, at most DEBT_S
+            own = self._served_s.get(c, level)
+            self._served_s[c] = min(max(own, level), level + DEBT_S)
+            self._idle.discard(c)
         oldest = {c: min(j.seq for j in ready if j.client is c) for c in clients}
         client = min(clients, key=lambda c: (self._served_s[c], self._last_unit.get(c, 0.0),
                                              oldest[c]))

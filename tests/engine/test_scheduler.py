@@ -195,3 +195,38 @@ def test_prefill_chunks_follow_the_measured_speed(model: Any, sched: Scheduler) 
     want = min(sched.interactive_chunk,
                max(MIN_CHUNK, int(tok_s * sched.chunk_target_s) // CHUNK_ROUND * CHUNK_ROUND))
     assert chunk == want
+
+
+def test_a_busy_heavy_client_is_not_starved_by_light_ones_that_come_and_go(model: Any) -> None:
+    """Fair queuing by compute time: accounts outlive a moment without work. Light clients
+    used to be reset to the least-served level each time they came back, so one that stayed
+    busy with heavy requests waited behind them for good (60 s under 8 windows)."""
+    from engine.scheduler import DEBT_S, Job
+
+    c = model.config
+    s = Scheduler(model, PromptCache(c.n_layers, c.n_kv_heads, c.head_dim, 1 << 20))  # idle
+    heavy, lights = Collector(), [Collector() for _ in range(3)]
+    seq = iter(range(10_000))
+
+    def job(client: Collector) -> Job:
+        return Job(client, next(seq), "generate", np.array([2]), 1, "", None, 0.0, None,
+                   next(seq))
+
+    picks = {id(x): 0 for x in [heavy, *lights]}
+    s._jobs = [job(heavy)]
+    for _ in range(400):
+        # every light client has one short request, then none for a moment: one unit each
+        for light in lights:
+            if not any(j.client is light for j in s._jobs):
+                s._jobs.append(job(light))
+        picked = s._pick()
+        assert picked is not None
+        picks[id(picked.client)] += 1
+        s._charge(picked, 1.0 if picked.client is heavy else 0.1)  # heavy units cost more
+        if picked.client is not heavy:
+            s._finish(picked)  # a light request ends after its unit
+    # time shares converge: the heavy client got its fair part of the compute seconds
+    heavy_s = picks[id(heavy)] * 1.0
+    light_s = [picks[id(x)] * 0.1 for x in lights]
+    assert heavy_s >= min(light_s) - DEBT_S - 1.0, (heavy_s, light_s)
+    assert max(light_s) - min(light_s) <= DEBT_S + 0.5
