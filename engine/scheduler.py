@@ -5,10 +5,10 @@ Each request becomes a Job whose work runs as a generator on the compute thread,
 the most urgent priority first (a job that waited `age_s` competes as interactive, so nothing
 starves behind a stream of completions); within it, the client that has had the least compute
 time so far (fair queuing between clients: each unit's seconds are charged to its client, and
-a client that comes back starts level with the least-served busy one, or up to DEBT_S behind
-it if it had used more: accounts outlive a moment without work, since resetting light clients
-each time they came back starved a client that stayed busy with heavy requests, a 60 s wait
-under 8 windows), and that client's oldest
+a client that comes back starts level with the least-served busy one; no account is more
+than DEBT_S behind the least-served one: resetting light clients each time they came back,
+with no such bound, starved a client that stayed busy with heavy requests, 60 s under 8
+windows), and that client's oldest
 job. Prefill chunks are sized from the measured prefill speed to take about `chunk_target_s`,
 so another client's keystroke starts within one chunk of a long prompt. At most `max_active`
 jobs hold a working K/V at once (others wait for one to finish). A job whose client is not
@@ -49,10 +49,12 @@ WARM_PRIORITY = 1000  # warming runs after everything else
 KV_ROUND = 1024  # working K/V capacity is rounded up to this (pages are touched lazily)
 MAX_SCORE_CONTINUATIONS = 16
 CHUNK_TARGET_S = 0.2  # a prefill chunk's wall time: another client's wait at most
-MIN_CHUNK = 32  # smaller chunks waste the matmuls (32 rows run on the packed kernels)
-CHUNK_ROUND = 32
+MIN_CHUNK = 16  # smaller chunks waste the matmuls (16 rows run on the packed kernels)
+CHUNK_ROUND = 16
 AGE_S = 10.0  # a request waiting this long competes at interactive priority
-DEBT_S = 2.0  # compute seconds a returning client may still be behind the busy ones
+DEBT_S = 0.5  # compute seconds a client may be behind the least-served one (a window of
+# fairness: within it compute time is shared evenly; past it, old debt is forgiven, so a
+# client busy with heavy requests waits at most about (clients - 1) x DEBT_S for a unit)
 MAX_ACTIVE = 4  # jobs holding a working K/V at once
 
 
@@ -398,10 +400,11 @@ class Scheduler:
         busy = [self._served_s[c] for c in clients if c not in back]
         level = min(busy) if busy else min((self._served_s.get(c, 0.0) for c in clients),
                                            default=0.0)
-        for c in back:  # no credit for time away; debt from before it, at most DEBT_S
-            own = self._served_s.get(c, level)
-            self._served_s[c] = min(max(own, level), level + DEBT_S)
+        for c in back:  # no credit for time away
+            self._served_s[c] = max(self._served_s.get(c, level), level)
             self._idle.discard(c)
+        for c in clients:  # and no client more than DEBT_S behind the least served
+            self._served_s[c] = min(self._served_s[c], level + DEBT_S)
         oldest = {c: min(j.seq for j in ready if j.client is c) for c in clients}
         client = min(clients, key=lambda c: (self._served_s[c], self._last_unit.get(c, 0.0),
                                              oldest[c]))
@@ -425,14 +428,18 @@ class Scheduler:
         return any(self._urgency(j, now) < mine and not j.cancelled and _writable(j.client)
                    for j in list(self._jobs))
 
-    def _chunk(self, priority: int) -> int:
-        """Prefill tokens per unit: background small; else what takes ~chunk_target_s here."""
+    def _chunk(self, priority: int, job: Job | None = None) -> int:
+        """Prefill tokens per unit: background small; else what takes ~chunk_target_s here,
+        at the job's own measured speed once it has one (a chunk deep in a long prompt
+        attends to more keys and is slower than the engine's average)."""
         if priority >= WARM_PRIORITY:
             return self.background_chunk
-        if self._chunk_tok_s <= 0:
+        tok_s = self._chunk_tok_s if job is None else job.timings.get("chunk_tok_s",
+                                                                       self._chunk_tok_s)
+        if tok_s <= 0:
             fit = 2 * MIN_CHUNK  # nothing measured yet
         else:
-            fit = int(self._chunk_tok_s * self.chunk_target_s) // CHUNK_ROUND * CHUNK_ROUND
+            fit = int(tok_s * self.chunk_target_s) // CHUNK_ROUND * CHUNK_ROUND
         return max(1, min(self.interactive_chunk, max(MIN_CHUNK, fit)))
 
     def _start_kv(self, job: Job, keep: int, need: int) -> KVCache:
@@ -524,7 +531,7 @@ class Scheduler:
                 kv.truncate(safe_prefix(job.spans, kv.length))  # never inside an image
                 if kv.length >= n:
                     break
-            end = min(n, kv.length + self._chunk(job.priority))
+            end = min(n, kv.length + self._chunk(job.priority, job))
             part = job.ids[kv.length : chunk_end(job.spans, kv.length, end)]  # images whole
             last = kv.length + len(part) >= n
             t0 = time.perf_counter()
@@ -540,6 +547,7 @@ class Scheduler:
             prefill_s += dt
             if len(part) >= MIN_CHUNK:
                 self._chunk_tok_s = _ema(self._chunk_tok_s, len(part) / dt)
+                job.timings["chunk_tok_s"] = len(part) / dt  # its latest: context grows
             self._evaluated += len(part)
             evaluated += len(part)
             self.cache.insert(kv)
