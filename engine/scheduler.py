@@ -49,6 +49,7 @@ WARM_PRIORITY = 1000  # warming runs after everything else
 KV_ROUND = 1024  # working K/V capacity is rounded up to this (pages are touched lazily)
 MAX_SCORE_CONTINUATIONS = 16
 CHUNK_TARGET_S = 0.2  # a prefill chunk's wall time: another client's wait at most
+FIXED_S_GUESS = 0.05  # a one-row forward here until a decode has been timed
 MIN_CHUNK = 16  # smaller chunks waste the matmuls (16 rows run on the packed kernels)
 CHUNK_ROUND = 16
 AGE_S = 10.0  # a request waiting this long competes at interactive priority
@@ -132,7 +133,9 @@ class Scheduler:
         self._served_s: weakref.WeakKeyDictionary[Client, float] = weakref.WeakKeyDictionary()
         self._last_unit: weakref.WeakKeyDictionary[Client, float] = weakref.WeakKeyDictionary()
         self._idle: weakref.WeakSet[Client] = weakref.WeakSet()
-        self._chunk_tok_s = 0.0  # measured prefill speed of a chunk (EMA)
+        self._chunk_tok_s = 0.0  # measured prefill speed of a chunk (EMA), for status
+        self._chunk_s_per_tok = 0.0  # a chunk's seconds per token past its fixed cost (EMA)
+        self._fixed_s = FIXED_S_GUESS  # a forward's cost at one row: reading every weight
         self._cv = threading.Condition()
         self._jobs: list[Job] = []  # queued and started, not finished
         self._seq = itertools.count()
@@ -429,17 +432,20 @@ class Scheduler:
                    for j in list(self._jobs))
 
     def _chunk(self, priority: int, job: Job | None = None) -> int:
-        """Prefill tokens per unit: background small; else what takes ~chunk_target_s here,
-        at the job's own measured speed once it has one (a chunk deep in a long prompt
-        attends to more keys and is slower than the engine's average)."""
+        """Prefill tokens per unit: background small; else what takes ~chunk_target_s here.
+        A chunk costs a fixed part (one pass over the weights, what a one-row step costs) plus
+        a part per token, which grows with the context (more keys to attend to): the job's
+        own latest chunk says what a token costs now, else the engine's average. (Sizing by
+        tokens per second alone shrank chunks in a loop: small chunks measure slow.)"""
         if priority >= WARM_PRIORITY:
             return self.background_chunk
-        tok_s = self._chunk_tok_s if job is None else job.timings.get("chunk_tok_s",
-                                                                       self._chunk_tok_s)
-        if tok_s <= 0:
-            fit = 2 * MIN_CHUNK  # nothing measured yet
+        per_tok = self._chunk_s_per_tok if job is None else job.timings.get(
+            "chunk_s_per_tok", self._chunk_s_per_tok)
+        if per_tok <= 0:
+            fit = 4 * MIN_CHUNK  # nothing measured yet
         else:
-            fit = int(tok_s * self.chunk_target_s) // CHUNK_ROUND * CHUNK_ROUND
+            room = max(self.chunk_target_s - self._fixed_s, self.chunk_target_s / 4)
+            fit = int(room / per_tok) // CHUNK_ROUND * CHUNK_ROUND
         return max(1, min(self.interactive_chunk, max(MIN_CHUNK, fit)))
 
     def _start_kv(self, job: Job, keep: int, need: int) -> KVCache:
@@ -547,7 +553,9 @@ class Scheduler:
             prefill_s += dt
             if len(part) >= MIN_CHUNK:
                 self._chunk_tok_s = _ema(self._chunk_tok_s, len(part) / dt)
-                job.timings["chunk_tok_s"] = len(part) / dt  # its latest: context grows
+                per_tok = max(dt - self._fixed_s, 0.2 * dt) / len(part)
+                self._chunk_s_per_tok = _ema(self._chunk_s_per_tok, per_tok)
+                job.timings["chunk_s_per_tok"] = per_tok  # its latest: the context grows
             self._evaluated += len(part)
             evaluated += len(part)
             self.cache.insert(kv)
@@ -600,6 +608,9 @@ class Scheduler:
         decode_s = time.perf_counter() - t_dec
         if len(stream.ids) > 4:
             self._decode_tok_s = _ema(self._decode_tok_s, (len(stream.ids) - 1) / decode_s)
+        one_row = self.forward_cost.snapshot().get("1")
+        if one_row:
+            self._fixed_s = one_row / 1000  # a one-row step: the weights' pass
         tail = stream.finish()
         self.spec_stats.add(job.task, spec, len(stream.ids))
         if spec is not None:

@@ -190,10 +190,11 @@ def test_prefill_chunks_follow_the_measured_speed(model: Any, sched: Scheduler) 
     assert isinstance(done, P.Done)
     chunk = sched.status()["prefill_chunk"]
     assert MIN_CHUNK <= chunk <= sched.interactive_chunk and chunk % CHUNK_ROUND == 0
-    tok_s = sched._chunk_tok_s
-    assert tok_s > 0
+    per_tok, fixed = sched._chunk_s_per_tok, sched._fixed_s
+    assert per_tok > 0 and fixed > 0
+    room = max(sched.chunk_target_s - fixed, sched.chunk_target_s / 4)  # past the fixed cost
     want = min(sched.interactive_chunk,
-               max(MIN_CHUNK, int(tok_s * sched.chunk_target_s) // CHUNK_ROUND * CHUNK_ROUND))
+               max(MIN_CHUNK, int(room / per_tok) // CHUNK_ROUND * CHUNK_ROUND))
     assert chunk == want
 
 
