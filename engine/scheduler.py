@@ -474,9 +474,10 @@ class Scheduler:
         reused = kv.length
         self._reused += reused
         compute_s = 0.0
-        # the prompt in chunks like any prefill (cached as they finish), then the candidates
+        # the prompt in chunks like any prefill (cached as they finish), then the candidates;
+        # the last piece of the prompt, up to a chunk, goes into the scoring pass itself
         chunk = self._chunk(job.priority)  # sized like any prefill: others wait one chunk
-        while kv.length < n - 1:
+        while n - 1 - kv.length > chunk:
             part = job.ids[kv.length : min(kv.length + chunk, n - 1)]
             t0 = time.perf_counter()
             try:
