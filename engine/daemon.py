@@ -349,8 +349,6 @@ class Daemon:
                 http.shutdown()
                 http.server_close()
             self.scheduler.stop()
-            if self._kernel_build is not None:
-                self._kernel_build.join()  # onnxruntime aborts if torn down mid-build
             self.save_cache()
             self._status("stopped", self._stop_reason)
             return 0

@@ -59,15 +59,14 @@ class Match:
 
 
 class PromptCache:
-    def __init__(self, n_layers: int, n_kv: int, head_dim: int, budget_bytes: int,
-                 reserved: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, n_layers: int, n_kv: int, head_dim: int, budget_bytes: int) -> None:
         """`budget_bytes` bounds all K/V memory: this cache's nodes plus `reserved()`, the
-        working K/V its owner holds outside it (the running requests' buffers)."""
+        working K/V its owner holds outside it (the scheduler sets it to its buffers')."""
         if budget_bytes < 0:
             raise ValueError(f"prompt cache budget must be >= 0, got {budget_bytes}")
         self.shape = (n_layers, n_kv, head_dim)
         self.budget = budget_bytes
-        self.reserved = reserved
+        self.reserved: Callable[[], int] = lambda: 0
         empty = np.zeros((n_layers, n_kv, 0, head_dim), dtype=np.float32)
         self.root = Node(np.zeros(0, dtype=np.int64), empty, empty, None)
         self.nbytes = 0  # these three are kept up to date so stats() need not walk the tree

@@ -99,10 +99,8 @@ class _Start:
         seen: tuple[Any, ...] = ()
         steps_told = 0  # the engine's milestones already told (a fast step is not missed)
         while time.monotonic() < deadline:
-            if _connectable(self.path):
-                steps = (P.read_status(self.path) or {}).get("steps")
-                for step in steps[steps_told:] if isinstance(steps, list) else ():
-                    self._tell(StartEvent("progress", str(step), None))  # a start too fast to see
+            if _connectable(self.path):  # a start too fast to watch still tells its steps
+                self._tell_steps(P.read_status(self.path) or {}, steps_told, None)
                 return self._end("ready", "the engine is ready")
             status = P.read_status(self.path) or {}
             alive = _alive(status.get("pid"))
@@ -113,11 +111,7 @@ class _Start:
                 return self._end("failed", message)
             if alive and state == "starting":
                 self.building = self.building or bool(status.get("building"))
-                steps = status.get("steps")
-                for step in steps[steps_told:] if isinstance(steps, list) else ():
-                    if str(step) != message:
-                        self._tell(StartEvent("progress", str(step), None))
-                steps_told = len(steps) if isinstance(steps, list) else steps_told
+                steps_told = self._tell_steps(status, steps_told, message)
             if alive and state == "starting" and (message, status.get("fraction")) != seen:
                 seen = (message, status.get("fraction"))
                 fraction = status.get("fraction")
@@ -136,6 +130,17 @@ class _Start:
         self.proc.poll()
         self._end("failed", f"the engine did not start within {self.timeout:.0f}s (see "
                             f"{self.logfile})")
+
+    def _tell_steps(self, status: dict[str, Any], told: int, current: str | None) -> int:
+        """Tell the milestones of `status` after the first `told` (but `current`, which is
+        told as the progress itself); returns how many there are now."""
+        steps = status.get("steps")
+        if not isinstance(steps, list):
+            return told
+        for step in steps[told:]:
+            if str(step) != current:
+                self._tell(StartEvent("progress", str(step), None))
+        return len(steps)
 
     def _exit_reason(self, rc: int) -> str:
         """The last meaningful line the engine wrote to its log, and how it exited."""

@@ -173,34 +173,32 @@ class Window:
                 "errors": len(self.errors), "error_samples": self.errors[:3]}
 
 
-def kv_bytes(sock: Path) -> dict[str, float]:
-    """The engine's K/V memory by its own count (MB): prompt cache and working buffers."""
+def engine_status(sock: Path) -> dict[str, Any]:
     from gemma_lsp.engine_client import EngineClient
 
     client = EngineClient(socket_path=sock, autostart=False, name="bench-load")
     try:
-        st = client.status()
-        return {"prompt_cache_mb": round(st["cache"]["bytes"] / 2**20, 1),
-                "working_kv_mb": round(st.get("kv_working_bytes", 0) / 2**20, 1)}
+        return client.status()
     finally:
         client.close()
+
+
+def kv_bytes(sock: Path) -> dict[str, float]:
+    """The engine's K/V memory by its own count (MB): prompt cache and working buffers."""
+    st = engine_status(sock)
+    return {"prompt_cache_mb": round(st["cache"]["bytes"] / 2**20, 1),
+            "working_kv_mb": round(st.get("kv_working_bytes", 0) / 2**20, 1)}
 
 
 def wait_for_kernels(sock: Path, timeout_s: float = 120.0) -> dict[str, Any]:
     """The engine's kernel status once they are built (or off): they belong to the model's
     memory, which the RSS target is measured against."""
-    from gemma_lsp.engine_client import EngineClient
-
-    client = EngineClient(socket_path=sock, autostart=False, name="bench-load")
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            k = dict(client.status().get("kernels") or {})
-            if k.get("state") not in ("not built", "building") or time.monotonic() > deadline:
-                return k
-            time.sleep(0.2)
-    finally:
-        client.close()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        k = dict(engine_status(sock).get("kernels") or {})
+        if k.get("state") not in ("not built", "building") or time.monotonic() > deadline:
+            return k
+        time.sleep(0.2)
 
 
 def overtake(sock: Path, files_text: list[str], long_tokens: int, n: int) -> dict[str, Any]:

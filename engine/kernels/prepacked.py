@@ -82,6 +82,10 @@ class PrepackedMatmul:
         so.add_external_initializers(["W"], [self._value])
         self._session = ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"])
 
+    def drop(self) -> None:
+        """Forget the session (its packed copy goes with it)."""
+        self._session = self._value = None
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """(M, K) -> (M, N) by the packed kernel (built first)."""
         assert self._session is not None, self.name
@@ -131,7 +135,7 @@ class Kernels:
                 log.warning("no packed kernels (%s: %s); numpy multiplies everything",
                             type(e).__name__, e)
                 for k, _ in self._by_id.values():
-                    k._session = k._value = None
+                    k.drop()
                 return
             from threadpoolctl import ThreadpoolController
 
@@ -166,18 +170,19 @@ class Kernels:
             for c, n in zip(self._blas, before, strict=True):
                 c.set_num_threads(n)
 
+    def _kernel_for(self, x: np.ndarray, w: np.ndarray) -> PrepackedMatmul | None:
+        """The packed kernel that multiplies x by w, if built and x's rows are its range."""
+        if not self._ready or x.shape[0] < MIN_ROWS:
+            return None
+        found = self._by_id.get(id(w))
+        return found[0] if found is not None and x.shape[0] <= found[1] else None
+
     def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         """x (M, K) @ w.T for the engine's `(out, in)` w -> (M, N)."""
-        if self._ready and x.shape[0] >= MIN_ROWS:
-            found = self._by_id.get(id(w))
-            if found is not None and x.shape[0] <= found[1]:
-                return found[0](x)
-        return x @ w.T  # (M, N)
+        k = self._kernel_for(x, w)
+        return x @ w.T if k is None else k(x)  # (M, N)
 
     def matmul(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         """x (M, K) @ w for w (K, N) (the tied LM head) -> (M, N)."""
-        if self._ready and x.shape[0] >= MIN_ROWS:
-            found = self._by_id.get(id(w))
-            if found is not None and x.shape[0] <= found[1]:
-                return found[0](x)
-        return x @ w  # (M, N)
+        k = self._kernel_for(x, w)
+        return x @ w if k is None else k(x)  # (M, N)
