@@ -302,7 +302,8 @@ class TokenStream:
 
     def forced(self) -> list[Step]:
         """The tokens the grammar admits as the only continuation (llguidance's fast-forward
-        tokens), taken at once: the caller evaluates them in one forward pass."""
+        tokens), taken at once: the caller evaluates them in one forward pass. Then the next
+        token's mask starts computing in the background (`TokenMask.prefetch`)."""
         if self.mask is None or self.done:
             return []
         out = []
@@ -321,6 +322,8 @@ class TokenStream:
             self.reason = "stop"
         elif len(self.ids) >= self.max_new:
             self.reason = "length"
+        else:  # the step's tokens are known: the next mask computes while they are evaluated
+            self.mask.prefetch()
         return out
 
     def finish(self) -> str:

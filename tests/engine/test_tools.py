@@ -229,3 +229,29 @@ def test_numbers_keep_to_six_decimals_and_integers_to_safe_bounds(model: Any) ->
         mask = G.TokenMask(grammar, tok)
         ids = tok.encode(text, add_bos=False)
         assert (mask.matcher.try_consume_tokens(ids) == len(ids) and mask.accepting) == ok
+
+
+def test_a_mask_computed_ahead_equals_one_computed_in_line(model: Any) -> None:
+    """TokenMask.prefetch computes the next mask on a helper thread during the forward pass;
+    along a reply that goes through keys, numbers, enums and free-text strings, the mask it
+    gives is the one computed in line at each step, and forced tokens are unchanged."""
+    import numpy as np
+
+    tok = model.tokenizer
+    grammar = G.json_schema_grammar(G.closed({"type": "object", "properties": {
+        "city": {"type": "string"}, "n": {"type": "integer"},
+        "tags": {"type": "array", "items": {"enum": ["a", "bc"]}}},
+        "required": ["city", "n", "tags"]}))
+    ids = tok.encode('{"city": "New York, the big apple", "n": 42, "tags": ["bc", "a"]}',
+                     add_bos=False)
+    ahead, inline = G.TokenMask(grammar, tok), G.TokenMask(grammar, tok)
+    logits = np.zeros(tok.vocab_size, dtype=np.float32)
+    for tid in ids:
+        ahead.prefetch()
+        a, b = ahead.apply(logits), inline.apply(logits)
+        assert np.array_equal(np.isinf(a), np.isinf(b))
+        assert not np.isinf(a[tid])
+        ahead.advance(tid)
+        inline.advance(tid)
+        assert ahead.forced_tokens() == inline.forced_tokens()
+    assert ahead.accepting and inline.accepting
