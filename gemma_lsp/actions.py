@@ -3,13 +3,16 @@ action carries the command that runs it (Helix 25.01 runs the command of the act
 not of the resolved one); the model runs in that command, which answers at once and delivers
 its edit with `workspace/applyEdit` (see commands.py). Only a client that cannot apply edits
 sent by the server gets lazy actions whose edit `codeAction/resolve` computes. Edits are
-minimal and versioned.
+minimal and versioned. While the user reads the list, the prompt of the action they most
+likely pick is prefilled in the engine (`schedule_warm`), so its first text comes soon.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import difflib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +25,7 @@ from gemma_lsp.context import CompletionContext, build_context
 from gemma_lsp.documents import Document, DocumentStore, convert_eol, split_lines
 from gemma_lsp.prompts import (
     Example,
+    Insertion,
     InstructionTemplates,
     copies_example,
     docstring_insertion,
@@ -34,6 +38,8 @@ from gemma_lsp.prompts import (
     pick_examples,
     refactor_prompt,
 )
+
+log = logging.getLogger(__name__)
 
 KINDS = {
     "explain": ("Explain with Gemma", t.CodeActionKind.Empty),
@@ -118,6 +124,8 @@ class ActionService:
         self.store = store
         self.backend = backend
         self.options = options
+        self._warm_tasks: dict[str, asyncio.Task[None]] = {}
+        self._warmed: dict[str, str] = {}  # uri -> the action prompt last warmed
 
     # ------------------------------------------------------------------ listing
 
@@ -145,6 +153,57 @@ class ActionService:
                         "diagnostics": [diag.message]}, lazy, diagnostics=[diag],
             ))
         return out
+
+    # ------------------------------------------------------------------ warming
+
+    def schedule_warm(self, params: t.CodeActionParams) -> None:
+        """A moment after a code-action list is asked for, prefill the prompt of the action the
+        user most likely picks: Fix for the first diagnostic, else Explain (the file through
+        the selection: also the head of Refactor's and Fix's prompts and most of Add
+        docstring's). VS Code asks on every cursor move: an automatic request with nothing
+        selected and no diagnostic warms nothing. A newer list for the document replaces the
+        warm of the older one, in the server and in the engine."""
+        delay = self.options().actions.warm_after_ms
+        ctx, rng = params.context, params.range
+        if delay <= 0 or (ctx.trigger_kind == t.CodeActionTriggerKind.Automatic
+                          and rng.start == rng.end and not ctx.diagnostics):
+            return
+        uri = params.text_document.uri
+        old = self._warm_tasks.pop(uri, None)
+        if old is not None:
+            old.cancel()
+        diag = ctx.diagnostics[0] if ctx.diagnostics else None
+        try:
+            self._warm_tasks[uri] = asyncio.get_running_loop().create_task(self._warm_later(
+                uri, diag.range if diag else rng, [diag.message] if diag else [], delay / 1000))
+        except RuntimeError:  # no running loop (unit tests calling handlers directly)
+            pass
+
+    async def _warm_later(self, uri: str, rng: t.Range, diagnostics: list[str],
+                          delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            prompt = self.likely_prompt(uri, rng, diagnostics)
+            if self._warmed.get(uri) == prompt:
+                return  # asked again for the same selection (VS Code: on selecting, on Ctrl+.)
+            self._warmed[uri] = prompt
+            await asyncio.to_thread(self.backend().warm, prompt, uri + "#actions")
+        except (ActionError, BackendError) as e:
+            log.info("warming an action for %s failed: %s", uri, e)
+
+    def likely_prompt(self, uri: str, rng: t.Range, diagnostics: list[str]) -> str:
+        """The prompt Fix (with `diagnostics`) or Explain (without) sends for `rng`."""
+        sel = select_lines(self._doc(uri, None), rng)
+        if diagnostics:
+            return self.prompt("fix", sel, "", diagnostics)[0]
+        ins = self._explain_insertion(sel)
+        return ins.prompt if ins is not None else self.prompt("explain", sel, "", [])[0]
+
+    def forget(self, uri: str) -> None:
+        self._warmed.pop(uri, None)
+        task = self._warm_tasks.pop(uri, None)
+        if task is not None:
+            task.cancel()
 
     # ------------------------------------------------------------------ resolving
 
@@ -225,7 +284,8 @@ class ActionService:
         opts = self.options()
         budgets = dataclasses.replace(opts.completion.budgets(),
                                       prefix_tokens=opts.actions.prefix_tokens,
-                                      suffix_tokens=opts.actions.suffix_tokens)
+                                      suffix_tokens=opts.actions.suffix_tokens,
+                                      extras_tokens=opts.actions.extras_tokens)
         ctx = build_context(sel.doc, sel.start, self.store, budgets)
         end = min(len(sel.doc.text), sel.end + len(ctx.suffix))
         return dataclasses.replace(ctx, suffix=sel.doc.text[sel.end : end])
@@ -235,13 +295,10 @@ class ActionService:
                       scope: CancelScope | None = None) -> str:
         doc = self._doc(uri, None)
         sel = select_lines(doc, rng)
-        opts = self.options()
-        chat = is_chat_model(opts.engine.model_name or self.backend().model_name)
-        if chat or "explain_fewshot" in opts.templates:
+        ins = self._explain_insertion(sel)
+        if ins is None:
             return (await self.answer("explain", sel, "", [], on_text, scope)).strip()
-        # a base model explains best the way it writes a comment after the code
         lang = sel.doc.language_id or "text"
-        ins = explain_insertion(self.context(sel), sel.text, lang)
 
         def shown(so_far: str) -> None:
             if on_text is not None:
@@ -252,6 +309,15 @@ class ActionService:
         if not answer.strip():
             raise ActionError("Gemma wrote no explanation for this selection")
         return text
+
+    def _explain_insertion(self, sel: Selection) -> Insertion | None:
+        """A base model explains best the way it writes a comment after the code; a chat model
+        (or a user's few-shot template) is asked instead (None)."""
+        opts = self.options()
+        chat = is_chat_model(opts.engine.model_name or self.backend().model_name)
+        if chat or "explain_fewshot" in opts.templates:
+            return None
+        return explain_insertion(self.context(sel), sel.text, sel.doc.language_id or "text")
 
     async def answer(self, kind: str, sel: Selection, instruction: str, diagnostics: list[str],
                      on_text: Callable[[str], None] | None, scope: CancelScope | None,

@@ -75,9 +75,17 @@ class ActionOptions:
     max_tokens: int = 256
     temperature: float = 0.2
     # the file around a selection that an action's prompt shows (tokens before / after it):
-    # smaller than completion's, for the first text to come soon
-    prefix_tokens: int = 600
+    # smaller than completion's, for the first text to come soon (bench_actions: 400 before
+    # answers as well as 600 did, and its prompt is prefilled while the user picks)
+    prefix_tokens: int = 400
     suffix_tokens: int = 150
+    # snippets of other files an action's prompt shows (0: none; explaining or fixing the
+    # selection reads its own file)
+    extras_tokens: int = 0
+    # a code-action list asked for this long ago (not by an automatic request with nothing
+    # selected) prefills the prompt of the action most likely picked, while the user reads
+    # the menu; 0 turns it off
+    warm_after_ms: int = 150
 
 
 @dataclass(frozen=True)
@@ -221,6 +229,8 @@ _RULES: dict[type, dict[str, _Rule]] = {
         "temperature": _float(0.0, 2.0),
         "prefix_tokens": _int(0, 1_000_000),
         "suffix_tokens": _int(0, 1_000_000),
+        "extras_tokens": _int(0, 1_000_000),
+        "warm_after_ms": _int(0, 60_000),
     },
     EngineOptions: {
         "backend": _choice(BACKENDS),

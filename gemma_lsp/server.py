@@ -245,6 +245,7 @@ def create_server(backend_factory: Any = None, debug_commands: bool = False) -> 
         ls.store.close(params.text_document.uri)
         ls.completion.forget(params.text_document.uri)
         ls.next_edit.forget(params.text_document.uri)
+        ls.actions.forget(params.text_document.uri)
 
     @server.feature(INLINE_EDIT)
     async def inline_edit(ls: GemmaServer, params: Any) -> dict[str, Any]:
@@ -315,7 +316,10 @@ def create_server(backend_factory: Any = None, debug_commands: bool = False) -> 
                             code_action_kinds=sorted({k for _, k in KINDS.values()})),
     )
     def code_action(ls: GemmaServer, params: t.CodeActionParams) -> list[t.CodeAction]:
-        return ls.actions.offer(params, lazy=ls.resolves_edits() and not ls.applies_edits())
+        actions = ls.actions.offer(params, lazy=ls.resolves_edits() and not ls.applies_edits())
+        if actions:
+            ls.actions.schedule_warm(params)
+        return actions
 
     @server.feature(t.CODE_ACTION_RESOLVE)
     async def code_action_resolve(ls: GemmaServer, action: t.CodeAction) -> t.CodeAction:
