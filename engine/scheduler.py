@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,6 +57,7 @@ DEBT_S = 0.5  # compute seconds a client may be behind the least-served one (a w
 # fairness: within it compute time is shared evenly; past it, old debt is forgiven, so a
 # client busy with heavy requests waits at most about (clients - 1) x DEBT_S for a unit)
 MAX_ACTIVE = 4  # jobs holding a working K/V at once
+RELEASE_EVERY_S = 1.0  # the queue emptied: give freed memory back, at most this often
 
 
 class Client(Protocol):
@@ -112,6 +113,7 @@ class Scheduler:
         max_active: int = MAX_ACTIVE,
         draft_model: Any = None,
         speculate: bool = True,
+        release_memory: Callable[[], None] | None = None,
     ) -> None:
         assert interactive_chunk > 0 and background_chunk > 0 and max_active > 0
         self.model = model
@@ -126,6 +128,10 @@ class Scheduler:
         self.chunk_target_s = chunk_target_s
         self.age_s = age_s
         self.max_active = max_active
+        # called when the queue empties, at most every RELEASE_EVERY_S (the daemon: glibc's
+        # malloc_trim, so freed request arrays leave RSS)
+        self.release_memory = release_memory
+        self._released = 0.0
         # a prompt of more bytes than this cannot fit the context: refused before tokenizing
         self.max_prompt_bytes = model.config.context_length * model.tokenizer.max_token_bytes()
         # compute seconds per client (kept while it is connected, work or not), when each
@@ -373,6 +379,11 @@ class Scheduler:
                 self._jobs.remove(job)
             if not any(j.client is job.client for j in self._jobs):
                 self._idle.add(job.client)  # it comes back level with the busy, no credit
+            empty = not self._jobs
+        now = time.monotonic()
+        if empty and self.release_memory is not None and now - self._released >= RELEASE_EVERY_S:
+            self._released = now
+            self.release_memory()
 
     # ------------------------------------------------------------------ choosing
 

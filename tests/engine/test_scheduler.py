@@ -231,3 +231,39 @@ def test_a_busy_heavy_client_is_not_starved_by_light_ones_that_come_and_go(model
     light_s = [picks[id(x)] * 0.1 for x in lights]
     assert heavy_s >= min(light_s) - DEBT_S - 1.0, (heavy_s, light_s)
     assert max(light_s) - min(light_s) <= DEBT_S + 0.5
+
+
+def test_memory_is_released_when_the_queue_empties_at_most_every_second(model: Any) -> None:
+    """The daemon passes glibc's malloc_trim: the compute thread calls it once the queue is
+    empty, not more often than RELEASE_EVERY_S, and never while work is queued."""
+    import time
+
+    from engine.daemon import malloc_trimmer
+
+    trim = malloc_trimmer()
+    calls: list[float] = []
+
+    def release() -> None:
+        calls.append(time.monotonic())
+        if trim is not None:
+            trim()
+
+    c = model.config
+    s = Scheduler(model, PromptCache(c.n_layers, c.n_kv_heads, c.head_dim, 64 << 20),
+                  release_memory=release)
+    s.start()
+    try:
+        client = Collector()
+        s.submit(client, P.Generate(id=1, prompt="def add(a, b):", max_tokens=2))
+        assert isinstance(client.until_end(1)[1], P.Done)
+        for i in range(2, 5):  # a second within the first: not released again
+            s.submit(client, P.Generate(id=i, prompt="def add(a, b):", max_tokens=1))
+            assert isinstance(client.until_end(i)[1], P.Done)
+        assert len(calls) == 1
+        time.sleep(1.05)
+        s.submit(client, P.Generate(id=9, prompt="def sub(a, b):", max_tokens=1))
+        assert isinstance(client.until_end(9)[1], P.Done)
+        time.sleep(0.1)  # the compute thread finishes the job after its reply
+        assert len(calls) == 2
+    finally:
+        s.stop()
