@@ -161,8 +161,7 @@ class PromptCache:
             _own(node.v[:, :, :n]),
             node.parent,
             last_used=node.last_used,
-            holds=node.holds,
-        )
+        )  # no holds of its own: a held node's ancestors are never leaves, so never evicted
         node.parent.children[int(node.tokens[0])] = upper
         node.tokens = node.tokens[n:].copy()
         node.k = _own(node.k[:, :, n:])

@@ -53,10 +53,11 @@ FIXED_S_GUESS = 0.05  # a one-row forward here until a decode has been timed
 MIN_CHUNK = 16  # smaller chunks waste the matmuls (16 rows run on the packed kernels)
 CHUNK_ROUND = 16
 AGE_S = 10.0  # a request waiting this long competes at interactive priority
-DEBT_S = 0.5  # compute seconds a client may be behind the least-served one (a window of
+DEBT_S = 0.1  # compute seconds a client may be behind the least-served one (a window of
 # fairness: within it compute time is shared evenly; past it, old debt is forgiven, so a
 # client busy with heavy requests waits at most about (clients - 1) x DEBT_S for a unit)
 MAX_ACTIVE = 4  # jobs holding a working K/V at once
+COPY_UNIT = 256  # cached positions copied into a working K/V per unit
 RELEASE_EVERY_S = 1.0  # the queue emptied: give freed memory back, at most this often
 
 
@@ -460,7 +461,9 @@ class Scheduler:
         return max(1, min(self.interactive_chunk, max(MIN_CHUNK, fit)))
 
     def _start_kv(self, job: Job, keep: int, need: int) -> KVCache:
-        """A working K/V holding as much of the prompt's prefix as the caches have."""
+        """A working K/V for the job: the last job's buffer if it is large enough (truncated to
+        what it shares with this prompt), else a new one; `job.match` (held) is what the prompt
+        cache has of the prompt, for `_copy_cached`."""
         cfg = self.model.config
         keep = safe_prefix(job.spans, keep)  # never resume inside an image's block
         job.match = self.cache.lookup(job.ids)
@@ -472,9 +475,29 @@ class Scheduler:
             kv.truncate(min(kv.common_prefix(job.ids), keep))
         else:
             kv = KVCache(cfg, min(cfg.context_length, -(-need // KV_ROUND) * KV_ROUND))
-        self.cache.copy_into(job.match, kv, keep)  # only what the buffer lacks
         kv.truncate(safe_prefix(job.spans, kv.length))
         return kv
+
+    def _copy_cached(self, job: Job, kv: KVCache, keep: int) -> Iterator[None]:
+        """Copy what the prompt cache holds of the prompt (beyond what `kv` has, up to `keep`)
+        into the working K/V, COPY_UNIT positions a unit: copying thousands of cached
+        positions into a fresh buffer (page faults) would hold up another client's keystroke
+        like an oversized chunk. Matched again for every piece: between units another job's
+        insert may split the nodes. A prompt with images is copied at once (never inside one)."""
+        while True:
+            m = self.cache.match(job.ids)
+            end = min(m.length, keep)
+            before = kv.length
+            if before >= end:
+                return
+            self.cache.copy_into(m, kv, end if job.spans else min(end, before + COPY_UNIT))
+            if job.spans:
+                kv.truncate(safe_prefix(job.spans, kv.length))
+                return
+            assert kv.length > before, (kv.length, end)
+            if kv.length >= end:
+                return
+            yield
 
     def _run_score(self, job: Job, t_start: float) -> Iterator[None]:
         """Score every continuation (engine/scoring.py) after the prompt's cached prefix."""
@@ -482,6 +505,7 @@ class Scheduler:
         n = len(job.ids)
         need = n + max(len(c) for c in job.continuations) + 1
         kv = job.kv = self._start_kv(job, n - 1, need)
+        yield from self._copy_cached(job, kv, n - 1)
         reused = kv.length
         self._reused += reused
         compute_s = 0.0
@@ -535,6 +559,7 @@ class Scheduler:
         max_new = 0 if job.opts is None else min(job.opts.max_tokens, cfg.context_length - n)
         keep = n if job.opts is None else n - 1  # a completion must run >= 1 token for logits
         kv = job.kv = self._start_kv(job, keep, n + max(max_new, 1))
+        yield from self._copy_cached(job, kv, keep)
         reused = kv.length
         self._reused += reused
 

@@ -92,6 +92,24 @@ def test_budget_evicts_least_recently_used_unheld_leaves() -> None:
     assert cache.nbytes == 0 and cache.n_nodes == 0
 
 
+def test_a_held_node_split_by_another_insert_stays_held_then_is_released() -> None:
+    """Another prompt that diverges inside a held node splits it; the held part and its new
+    parent survive eviction while held, and after release nothing stays pinned (the parent
+    used to inherit the hold, which no release ever took back)."""
+    cache = new_cache()
+    a = [2] + [5] * 30
+    run_cached(cache, a)
+    held = cache.lookup(np.asarray(a))
+    cache.hold(held)
+    run_cached(cache, [2] + [5] * 12 + [7] * 10)  # splits a's node after 13 tokens
+    assert cache.n_nodes == 3
+    cache.evict(budget=0)
+    assert cache.match(np.asarray(a)).length == len(a)  # held: all of it stays
+    cache.release(held)
+    cache.evict(budget=0)
+    assert cache.nbytes == 0 and cache.n_nodes == 0
+
+
 def test_the_budget_bounds_the_working_kv_as_well() -> None:
     """The budget is for all K/V memory: what running requests hold outside the cache
     (`reserved`) leaves the cache that much less; a buffer counts the positions it touched."""

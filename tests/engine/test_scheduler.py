@@ -267,3 +267,33 @@ def test_memory_is_released_when_the_queue_empties_at_most_every_second(model: A
         assert len(calls) == 2
     finally:
         s.stop()
+
+
+def test_a_long_cached_prefix_is_copied_a_bounded_piece_per_unit(model: Any,
+                                                                 sched: Scheduler) -> None:
+    """Copying thousands of cached positions into a fresh working K/V is a unit like any
+    other (at most COPY_UNIT positions), so another client's keystroke is not held up by it;
+    the answer is the uncached one."""
+    from engine.scheduler import COPY_UNIT
+
+    prompt = BASE.read_text()[:3000]
+    client = Collector()
+    sched.submit(client, P.Warm(id=1, prompt=prompt, doc=""))
+    assert isinstance(client.until_end(1)[1], P.Done)
+    sched._hot = None  # a fresh buffer: everything comes from the prompt cache
+    copied: list[int] = []
+    copy_into = sched.cache.copy_into
+
+    def recording(m: Any, kv: Any, limit: int) -> int:
+        before = kv.length
+        out = copy_into(m, kv, limit)
+        copied.append(kv.length - before)
+        return out
+
+    sched.cache.copy_into = recording  # type: ignore[method-assign]
+    sched.submit(client, P.Generate(id=2, prompt=prompt + "\n", max_tokens=3))
+    toks, done = client.until_end(2)
+    assert isinstance(done, P.Done), done
+    n = len(model.tokenizer.encode(prompt))
+    assert sum(copied) >= n - 1 > 2 * COPY_UNIT and max(copied) <= COPY_UNIT
+    assert [t.token_id for t in toks] == uncached(model, prompt + "\n", 3)[0]
