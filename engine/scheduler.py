@@ -130,7 +130,7 @@ class Scheduler:
         self.age_s = age_s
         self.max_active = max_active
         # called when the queue empties, at most every RELEASE_EVERY_S (the daemon: glibc's
-        # malloc_trim, so freed request arrays leave RSS)
+        # malloc_trim when RSS is past what the model and the cache budget explain)
         self.release_memory = release_memory
         self._released = 0.0
         # a prompt of more bytes than this cannot fit the context: refused before tokenizing
