@@ -338,8 +338,9 @@ class Daemon:
         emptied cost next-edit scoring 50-80 ms a request), so below that line they stay."""
         if self._trim is None:
             return
-        packed = self.model.kernel_status().get("packed_bytes") or 0
-        line = self._rss_ready + int(packed) + (self.opts.cache_mb << 20)  # type: ignore[call-overload]
+        packed = self.model.kernel_status().get("packed_bytes")
+        line = (self._rss_ready + (packed if isinstance(packed, int) else 0)
+                + (self.opts.cache_mb << 20))
         if resident_bytes() > line:
             self._trim()
 

@@ -6,7 +6,7 @@ the most urgent priority first (a job that waited `age_s` competes as interactiv
 starves behind a stream of completions); within it, the client that has had the least compute
 time so far (fair queuing between clients: each unit's seconds are charged to its client, and
 a client that comes back starts level with the least-served busy one; no account is more
-than DEBT_S behind the least-served one: resetting light clients each time they came back,
+than DEBT_S ahead of the least-served one: resetting light clients each time they came back,
 with no such bound, starved a client that stayed busy with heavy requests, 60 s under 8
 windows), and that client's oldest
 job. Prefill chunks are sized from the measured prefill speed to take about `chunk_target_s`,
@@ -53,9 +53,9 @@ FIXED_S_GUESS = 0.05  # a one-row forward here until a decode has been timed
 MIN_CHUNK = 16  # smaller chunks waste the matmuls (16 rows run on the packed kernels)
 CHUNK_ROUND = 16
 AGE_S = 10.0  # a request waiting this long competes at interactive priority
-DEBT_S = 0.1  # compute seconds a client may be behind the least-served one (a window of
-# fairness: within it compute time is shared evenly; past it, old debt is forgiven, so a
-# client busy with heavy requests waits at most about (clients - 1) x DEBT_S for a unit)
+DEBT_S = 0.1  # compute seconds a client's account may be ahead of the least-served one's (a
+# window of fairness: within it compute time is shared evenly; past it, old use is forgiven,
+# so a window that was busy earlier waits at most about DEBT_S more for its next unit)
 MAX_ACTIVE = 4  # jobs holding a working K/V at once
 COPY_UNIT = 256  # cached positions copied into a working K/V per unit
 RELEASE_EVERY_S = 1.0  # the queue emptied: give freed memory back, at most this often
@@ -418,7 +418,7 @@ class Scheduler:
         for c in back:  # no credit for time away
             self._served_s[c] = max(self._served_s.get(c, level), level)
             self._idle.discard(c)
-        for c in clients:  # and no client more than DEBT_S behind the least served
+        for c in clients:  # and no account more than DEBT_S ahead of the least served
             self._served_s[c] = min(self._served_s[c], level + DEBT_S)
         oldest = {c: min(j.seq for j in ready if j.client is c) for c in clients}
         client = min(clients, key=lambda c: (self._served_s[c], self._last_unit.get(c, 0.0),
