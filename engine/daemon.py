@@ -262,20 +262,28 @@ class Connection:
             pass
 
 
-def limit_malloc_arenas() -> None:
-    """glibc: two malloc arenas, not one per thread (writers, HTTP, compute, kernel build).
-    (A fixed 128 KB mmap threshold, tried to make freed per-request arrays go back to the
-    system, cost next-edit scoring 75 ms a request in page faults: not kept.) No-op elsewhere."""
+def _glibc() -> Any:
+    """The C library when it is glibc on Linux (mallopt, malloc_trim), else None."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     if not name or not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        ctypes.CDLL(name).mallopt(-8, 2)  # M_ARENA_MAX (leaves the mmap threshold dynamic)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL(name)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def limit_malloc_arenas() -> None:
+    """glibc: two malloc arenas, not one per thread (writers, HTTP, compute, kernel build).
+    (A fixed 128 KB mmap threshold, tried to make freed per-request arrays go back to the
+    system, cost next-edit scoring 75 ms a request in page faults: not kept.) No-op elsewhere."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-8, 2)  # M_ARENA_MAX (leaves the mmap threshold dynamic)
 
 
 def malloc_trimmer() -> Callable[[], None] | None:
@@ -283,15 +291,11 @@ def malloc_trimmer() -> Callable[[], None] | None:
     the dynamic mmap threshold, freed arrays of up to 32 MB (a request's logits, attention
     scores, temporaries) stay in the heap, counted in RSS until reused. None elsewhere."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return None
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return None
+    trim = libc.malloc_trim
     trim.argtypes = [ctypes.c_size_t]
 
     def release() -> None:

@@ -484,8 +484,9 @@ class Scheduler:
         positions into a fresh buffer (page faults) would hold up another client's keystroke
         like an oversized chunk. Matched again for every piece: between units another job's
         insert may split the nodes. A prompt with images is copied at once (never inside one)."""
+        m = job.match  # just looked up; after a yield, matched again
         while True:
-            m = self.cache.match(job.ids)
+            assert m is not None
             end = min(m.length, keep)
             before = kv.length
             if before >= end:
@@ -498,6 +499,7 @@ class Scheduler:
             if kv.length >= end:
                 return
             yield
+            m = self.cache.match(job.ids)
 
     def _run_score(self, job: Job, t_start: float) -> Iterator[None]:
         """Score every continuation (engine/scoring.py) after the prompt's cached prefix."""

@@ -186,8 +186,8 @@ class ActionService:
             prompt = self.likely_prompt(uri, rng, diagnostics)
             if self._warmed.get(uri) == prompt:
                 return  # asked again for the same selection (VS Code: on selecting, on Ctrl+.)
-            self._warmed[uri] = prompt
             await asyncio.to_thread(self.backend().warm, prompt, uri + "#actions")
+            self._warmed[uri] = prompt  # sent (a failed warm is tried again next time)
         except (ActionError, BackendError) as e:
             log.info("warming an action for %s failed: %s", uri, e)
 

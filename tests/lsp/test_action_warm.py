@@ -105,3 +105,21 @@ async def test_warm_after_ms_0_turns_it_off() -> None:
     svc, backend = _service("x", warm_ms=0)
     await _listed(svc, _params(SEL))
     assert backend.warmed == []
+
+
+async def test_a_failed_warm_is_tried_again() -> None:
+    from gemma_lsp.backend import BackendError
+
+    svc, backend = _service("x")
+    fails = [True]
+
+    def warm(prompt: str, doc: str) -> None:
+        if fails.pop() if fails else False:
+            raise BackendError("no engine is listening")
+        backend.warmed.append((prompt, doc))
+
+    backend.warm = warm  # type: ignore[method-assign]
+    await _listed(svc, _params(SEL))
+    assert backend.warmed == []
+    await _listed(svc, _params(SEL))  # the same selection: sent this time
+    assert len(backend.warmed) == 1
