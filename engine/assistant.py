@@ -21,7 +21,7 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
-from engine.model import apply_rope, gelu_tanh_mul, rmsnorm, rope_tables
+from engine.model import Weights, apply_rope, gelu_tanh_mul, rmsnorm, rope_tables
 
 ASSISTANT_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
 
@@ -145,7 +145,7 @@ class Assistant:
 
     # ------------------------------------------------------------------ forward
 
-    def step(self, target: ModelConfig, target_embd_t: np.ndarray, kv: KVCache, token: int,
+    def step(self, target: ModelConfig, target_w: Weights, kv: KVCache, token: int,
              h_target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One draft: logits (V,) for the token after `token`, and the next hidden (Dt,).
 
@@ -157,7 +157,7 @@ class Assistant:
         pos = kv.length
         H = cfg.n_heads
         # input: the token's scaled target embedding next to the target hidden, projected
-        e = target_embd_t[:, token] * np.float32(target.embed_scale)  # (Dt,)
+        e = target_w.embed_rows(np.array([token]))[0] * np.float32(target.embed_scale)  # (Dt,)
         x = np.concatenate([e, h_target])[None, :] @ self.pre_projection.T  # (1, Da)
         kinds = cfg.sliding_layers
         for i, layer in enumerate(self.layers):
@@ -244,7 +244,7 @@ class AssistantDrafter:
         if self.last is None or self.hidden is None or k <= 0:
             return []  # right after prefill there is no hidden state yet: decode plainly
         tok, h = self.last, self.hidden
-        cfg, embd = self.target.config, self.target.weights.tok_embd_t
+        cfg, embd = self.target.config, self.target.weights
         out: list[int] = []
         for _ in range(k):
             logits, h = self.assistant.step(cfg, embd, self.kv, tok, h)

@@ -49,6 +49,7 @@ class DaemonOptions:
     draft_model: str | None = None  # a Gemma 4 assistant to draft with (None: prompt lookup)
     speculate: bool = True  # False: never draft, whatever requests ask
     kernels: bool = True  # False: no packed matmul kernels (engine/kernels), numpy only
+    quant: str | None = None  # a Hugging Face checkpoint's weight type (None: by its size)
 
     def __post_init__(self) -> None:
         if self.client_buffer_kb < 4:
@@ -358,8 +359,10 @@ class Daemon:
             self._status("starting", "loading the model")
             blas, threads = pin_blas_threads(self.opts.threads)
             t0 = time.perf_counter()
-            self.model = Model.load(self.opts.model, progress=self._progress)
+            self.model = Model.load(self.opts.model, progress=self._progress,
+                                    quant=self.opts.quant)
             self._status("starting", "warming up the model")
+            self.model.build_quantized(threads)  # ~0.9 s for the shipped model
             self.model.warm_up()
             cfg = self.model.config
             self.cache = PromptCache(cfg.n_layers, cfg.kv_heads_max, cfg.head_dim_max,

@@ -451,7 +451,8 @@ def export(model: Any, directory: Path) -> Path:
     if cfg.arch != "gemma3":
         raise ValueError(f"export writes Gemma 3 checkpoints; this model is {cfg.arch}")
     directory.mkdir(parents=True, exist_ok=True)
-    w = model.weights
+    w = model.weights.dequantized()  # the file's values, fp32
+    assert w.tok_embd_t is not None
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     out: dict[str, np.ndarray] = {
         "model.embed_tokens.weight": np.ascontiguousarray(w.tok_embd_t.T),

@@ -177,7 +177,8 @@ def remove_stale_temps(directory: Path, now: float | None = None) -> list[Path]:
 # ----------------------------------------------------------------------------- safetensors
 
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-              np.dtype(np.int64): "I64", np.dtype(np.uint16): "BF16"}
+              np.dtype(np.int64): "I64", np.dtype(np.uint16): "BF16",
+              np.dtype(np.uint8): "U8"}  # U8: quantized blocks (engine.kernels.blocks)
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray],

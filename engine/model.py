@@ -1,12 +1,15 @@
 """The Gemma forward pass in numpy (Gemma 3; Gemma 4 dense text models): norms, RoPE,
 attention, MLP. Pure functions over weights.
 
-All math is fp32. Weights are `(out, in)` C-contiguous and applied as `x @ W.T`. Norm weights
-are stored as the factor to multiply by (GGUF already holds `1 + w`; HF loaders add the 1).
+Activations are fp32. Matrices are `(out, in)` and applied as `Weights.linear(x, W)` = `x @ W.T`:
+a GGUF's quantized matrices stay in their block formats (engine.kernels.quantized), dense ones
+are fp32 (engine.kernels.prepacked for a few rows). Norm weights are stored as the factor to
+multiply by (GGUF already holds `1 + w`; HF loaders add the 1).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -17,12 +20,23 @@ import numpy as np
 
 from engine.audio import AudioWeights
 from engine.config import ModelConfig
+from engine.kernels.blocks import BlockQuant
 from engine.kernels.prepacked import MAX_ROWS_TRUNK, Kernels
+from engine.kernels.quantized import QWeight, stack
 from engine.kv_cache import KVCache
 from engine.multimodal import SoftSpan, blocks_in
 from engine.vision import VisionWeights
 
 SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
+# a quantized trunk matmul of up to this many rows runs MatMulNBits on int8 activations and
+# their rounding residual (engine.kernels.quantized); longer chunks dequantize tile by tile
+# for BLAS sgemm (fp32 activations, exact). Per layer of the shipped model: 64 rows 12 vs
+# 23 ms, 128 rows ~25 ms both ways, 512 rows 142 vs 58 ms. The LM head always takes
+# MatMulNBits: dequantizing its 168M weights would cost more than any chunk saves.
+NBITS_MAX_ROWS = 128
+
+Matrix = np.ndarray | QWeight  # a weight matrix (out, in): dense fp32 or block-quantized
+Tensor = np.ndarray | BlockQuant  # a canonical tensor as read from a file
 
 
 class Cancelled(Exception):
@@ -32,77 +46,147 @@ class Cancelled(Exception):
 @dataclass(frozen=True)
 class LayerWeights:
     attn_norm: np.ndarray  # (d,)
-    wqkv: np.ndarray  # (H*hd + 2*KV*hd, d): wq, wk, wv stacked, one matmul
+    wqkv: Matrix  # (H*hd + 2*KV*hd, d): wq, wk, wv stacked, one matmul
     q_norm: np.ndarray  # (hd,)
     k_norm: np.ndarray  # (hd,)
-    wo: np.ndarray  # (d, H*hd)
+    wo: Matrix  # (d, H*hd)
     post_attn_norm: np.ndarray  # (d,)
     ffn_norm: np.ndarray  # (d,)
-    w_gate_up: np.ndarray  # (2*ff, d): w_gate, w_up stacked, one matmul
-    w_down: np.ndarray  # (d, ff)
+    w_gate_up: Matrix  # (2*ff, d): w_gate, w_up stacked, one matmul
+    w_down: Matrix  # (d, ff)
     post_ffn_norm: np.ndarray  # (d,)
     layer_scalar: np.ndarray | None = None  # (1,) Gemma 4 scales each layer's output
 
 
-def pack_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _matrix(name: str, parts: Sequence[Tensor]) -> Matrix:
+    """Stack matrices on the output axis: quantized parts stay quantized (one kernel); a mix
+    of dense and quantized parts is made dense (exact either way)."""
+    quantized = [p for p in parts if isinstance(p, BlockQuant)]
+    if len(quantized) == len(parts):
+        return stack(name, quantized)
+    dense = [p.dequantize() if isinstance(p, BlockQuant) else p for p in parts]
+    return dense[0] if len(dense) == 1 else np.concatenate(dense)
+
+
+def _dense(t: Tensor) -> np.ndarray:
+    return t.dequantize() if isinstance(t, BlockQuant) else t
+
+
+def pack_tensors(config: ModelConfig, tensors: Mapping[str, Tensor]
+                 ) -> dict[str, np.ndarray | QWeight]:
     """Canonical named tensors (wq, wk, ..., tok_embd) -> the engine-ready layout.
 
-    Stacks wq|wk|wv and w_gate|w_up so each is one matmul, and stores the embedding
-    transposed (d, V): the LM head reads it as `x @ E_t`, the faster GEMV layout here.
+    Stacks wq|wk|wv and w_gate|w_up so each is one matmul. A quantized embedding stays as
+    it is (`tok_embd`, (V, d): rows are read by id, the LM head is a quantized matmul); a
+    dense one is stored transposed (`tok_embd_t`, (d, V)), the faster fp32 GEMV layout here.
     """
-    out: dict[str, np.ndarray] = {
-        "tok_embd_t": np.ascontiguousarray(tensors["tok_embd"].T),
-        "final_norm": tensors["final_norm"],
-    }
+    embd = tensors["tok_embd"]
+    out: dict[str, np.ndarray | QWeight] = {"final_norm": _dense(tensors["final_norm"])}
+    if isinstance(embd, BlockQuant):
+        out["tok_embd"] = stack("tok_embd", [embd])
+    else:
+        out["tok_embd_t"] = np.ascontiguousarray(embd.T)
     for i in range(config.n_layers):
         p = f"layers.{i}."
         # a layer attending another's K/V has no wk/wv; with V = K there is no wv
         qkv = [n for n in ("wq", "wk", "wv") if p + n in tensors]
-        out[p + "wqkv"] = np.concatenate([tensors[p + n] for n in qkv])
-        out[p + "w_gate_up"] = np.concatenate([tensors[p + "w_gate"], tensors[p + "w_up"]])
-        out[p + "k_norm"] = tensors.get(p + "k_norm",
-                                        np.ones(config.head_dim_of(i), dtype=np.float32))
-        for n in ("attn_norm", "q_norm", "wo", "post_attn_norm", "ffn_norm", "w_down",
-                  "post_ffn_norm", "layer_scalar"):
+        out[p + "wqkv"] = _matrix(p + "wqkv", [tensors[p + n] for n in qkv])
+        out[p + "w_gate_up"] = _matrix(p + "w_gate_up",
+                                       [tensors[p + "w_gate"], tensors[p + "w_up"]])
+        for n in ("wo", "w_down"):
+            out[p + n] = _matrix(p + n, [tensors[p + n]])
+        out[p + "k_norm"] = _dense(tensors.get(
+            p + "k_norm", np.ones(config.head_dim_of(i), dtype=np.float32)))
+        for n in ("attn_norm", "q_norm", "post_attn_norm", "ffn_norm", "post_ffn_norm",
+                  "layer_scalar"):
             if p + n in tensors:
-                out[p + n] = tensors[p + n]
+                out[p + n] = _dense(tensors[p + n])
     for name, arr in tensors.items():  # Gemma 4 unified's image / audio embedders
         if name.startswith(("vision.", "audio.")):
-            out[name] = arr
+            out[name] = _dense(arr)
     return out
 
 
 @dataclass(frozen=True)
 class Weights:
-    tok_embd_t: np.ndarray  # (d, V): the embedding transposed, also the tied LM head
+    tok_embd_t: np.ndarray | None  # (d, V): a dense embedding transposed, also the LM head
     final_norm: np.ndarray  # (d,)
     layers: tuple[LayerWeights, ...]
     vision: VisionWeights | None = None  # Gemma 4 unified's image embedder
     audio: AudioWeights | None = None  # and its audio embedder
     kernels: Kernels | None = None  # packed kernels for a few rows (engine/kernels), if any
+    tok_embd: QWeight | None = None  # (V, d): a quantized embedding (then no tok_embd_t)
+    approximate: bool = False  # quantized matmuls on int8 activations alone (scoring's tree)
 
-    def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    def linear(self, x: np.ndarray, w: Matrix) -> np.ndarray:
         """x (T, in) @ w.T for a weight w (out, in) of this model -> (T, out)."""
+        if isinstance(w, QWeight):
+            if self.approximate:
+                return w(x, residual=False)
+            return w(x) if x.shape[0] <= NBITS_MAX_ROWS else w.dense_matmul(x)
         return x @ w.T if self.kernels is None else self.kernels.linear(x, w)
 
+    def embed_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of the embedding, unscaled: (T, d) fp32."""
+        if self.tok_embd is not None:
+            return self.tok_embd.dequantize(ids)  # (T, d) only these rows
+        assert self.tok_embd_t is not None
+        return self.tok_embd_t[:, ids].T  # (T, d)
+
+    def matrices(self) -> list[tuple[str, Matrix]]:
+        """Every weight matrix by name, the embedding first."""
+        embd = self.tok_embd if self.tok_embd is not None else self.tok_embd_t
+        assert embd is not None
+        return [("tok_embd", embd)] + [
+            (f"layers.{i}.{n}", getattr(layer, n)) for i, layer in enumerate(self.layers)
+            for n in ("wqkv", "wo", "w_gate_up", "w_down")]
+
+    def dequantized(self) -> Weights:
+        """The same model with every matrix dense fp32 (the reference of the fidelity tests),
+        its packed kernels registered but not built."""
+        def dense(m: Matrix) -> np.ndarray:
+            return m.dequantize() if isinstance(m, QWeight) else m
+
+        layers = tuple(dataclasses.replace(
+            layer, wqkv=dense(layer.wqkv), wo=dense(layer.wo), w_gate_up=dense(layer.w_gate_up),
+            w_down=dense(layer.w_down)) for layer in self.layers)
+        embd_t = (self.tok_embd_t if self.tok_embd is None
+                  else np.ascontiguousarray(self.tok_embd.dequantize().T))
+        return Weights(embd_t, self.final_norm, layers, self.vision, self.audio,
+                       _packed_kernels(layers, embd_t))
+
     @classmethod
-    def from_packed(cls, config: ModelConfig, packed: Mapping[str, np.ndarray]) -> Weights:
+    def from_packed(cls, config: ModelConfig, packed: Mapping[str, np.ndarray | QWeight]
+                    ) -> Weights:
         """Wrap tensors in the `pack_tensors` layout (no copies)."""
         names = LayerWeights.__dataclass_fields__
         layers = tuple(
-            LayerWeights(**{n: packed[f"layers.{i}.{n}"] for n in names
-                            if f"layers.{i}.{n}" in packed})
+            LayerWeights(**{n: packed[f"layers.{i}.{n}"]  # type: ignore[arg-type]
+                            for n in names if f"layers.{i}.{n}" in packed})
             for i in range(config.n_layers)
         )
-        kernels = Kernels()
-        for i, layer in enumerate(layers):
-            for n in ("wqkv", "wo", "w_gate_up", "w_down"):
-                kernels.add(getattr(layer, n), f"layers.{i}.{n}", transposed=True,
-                            max_rows=MAX_ROWS_TRUNK)
-        kernels.add(packed["tok_embd_t"], "LM head", transposed=False, max_rows=1 << 30)
-        return cls(packed["tok_embd_t"], packed["final_norm"], layers,
-                   VisionWeights.from_packed(packed), AudioWeights.from_packed(packed),
-                   kernels)
+        embd_t, embd_q = packed.get("tok_embd_t"), packed.get("tok_embd")
+        assert isinstance(embd_t, np.ndarray) != isinstance(embd_q, QWeight), "one embedding"
+        kernels = _packed_kernels(layers, embd_t if isinstance(embd_t, np.ndarray) else None)
+        final_norm = packed["final_norm"]
+        assert isinstance(final_norm, np.ndarray)
+        dense = {k: v for k, v in packed.items() if isinstance(v, np.ndarray)}
+        return cls(embd_t if isinstance(embd_t, np.ndarray) else None, final_norm, layers,
+                   VisionWeights.from_packed(dense), AudioWeights.from_packed(dense),
+                   kernels, embd_q if isinstance(embd_q, QWeight) else None)
+
+
+def _packed_kernels(layers: Sequence[LayerWeights], embd_t: np.ndarray | None) -> Kernels | None:
+    """Packed kernels for the dense fp32 matrices (quantized ones carry their own), if any."""
+    kernels = Kernels()
+    for i, layer in enumerate(layers):
+        for n in ("wqkv", "wo", "w_gate_up", "w_down"):
+            m = getattr(layer, n)
+            if isinstance(m, np.ndarray):
+                kernels.add(m, f"layers.{i}.{n}", transposed=True, max_rows=MAX_ROWS_TRUNK)
+    if embd_t is not None:
+        kernels.add(embd_t, "LM head", transposed=False, max_rows=1 << 30)
+    return kernels if kernels.size else None
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -265,7 +349,7 @@ def embed_inputs(cfg: ModelConfig, w: Weights, ids: np.ndarray, start: int,
     T = ids.shape[0]
     soft_pos = ids < 0  # (T,)
     lookup = np.where(soft_pos, 0, ids) if soft_pos.any() else ids  # (T,)
-    x = w.tok_embd_t[:, lookup].T * np.float32(cfg.embed_scale)  # (T, d)
+    x = w.embed_rows(lookup) * np.float32(cfg.embed_scale)  # (T, d)
     covered = 0
     for span in soft:
         a, b = max(span.start, start), min(span.end, start + T)
@@ -402,10 +486,16 @@ def _forward(
     return out[0] if logits == "last" else out
 
 
-def lm_head(cfg: ModelConfig, w: Weights, h: np.ndarray) -> np.ndarray:
-    """Logits (T, V) of final-normed hidden states h (T, d): the tied embedding, softcapped."""
-    k = w.kernels
-    out = h @ w.tok_embd_t if k is None else k.matmul(h, w.tok_embd_t)  # (T, V)
+def lm_head(cfg: ModelConfig, w: Weights, h: np.ndarray, exact: bool = True) -> np.ndarray:
+    """Logits (T, V) of final-normed hidden states h (T, d): the tied embedding, softcapped.
+    `exact=False` lets a quantized head use int8 activations alone (half the work; logits
+    within ~1e-2 relative): for scoring many rows."""
+    if w.tok_embd is not None:
+        out = w.tok_embd(h, residual=exact)  # (T, V) MatMulNBits
+    else:
+        assert w.tok_embd_t is not None
+        k = w.kernels
+        out = h @ w.tok_embd_t if k is None else k.matmul(h, w.tok_embd_t)  # (T, V)
     if cfg.final_logit_softcap is not None:
         cap = np.float32(cfg.final_logit_softcap)
         out = np.tanh(out / cap) * cap  # (T, V)

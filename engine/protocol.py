@@ -30,6 +30,9 @@ MAX_STOPS = 64
 MAX_STOP_BYTES = 1024
 MAX_MEDIA = 16  # images / audio clips in one Generate
 MAX_MEDIA_BYTES = 48 * 1024 * 1024  # their encoded files together
+# the weight types a Hugging Face checkpoint can be quantized to (`--quant`, `engine.quant`;
+# engine.kernels.blocks makes them); a GGUF keeps its own
+QUANT_CHOICES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "bf16", "f32")
 _LEN = struct.Struct(">I")
 
 

@@ -1,21 +1,25 @@
-"""A loaded model: config, weights and tokenizer together, plus BLAS thread pinning."""
+"""A loaded model: config, weights and tokenizer together, plus BLAS / kernel thread pinning."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import threading
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from engine.config import ModelConfig
+from engine.kernels import quantized
 from engine.kv_cache import KVCache
 from engine.model import Weights
 from engine.tokenizer import Tokenizer
 from engine.weights import ENGINE_READY_VERSION, ModelFiles, Progress, load_model_files
 
-ENGINE_VERSION = "0.1.1"  # bump when numerics change (invalidates persisted prompt caches)
+ENGINE_VERSION = "0.2.0"  # bump when numerics change (invalidates persisted prompt caches)
 
 
 def default_threads() -> int:
@@ -33,10 +37,12 @@ def default_threads() -> int:
 
 
 def pin_blas_threads(n: int | None = None) -> tuple[str, int]:
-    """Limit BLAS to `n` threads (oversubscription costs 10x). Returns (library, threads)."""
+    """Limit BLAS and the quantized kernels to `n` threads (oversubscription costs 10x).
+    Returns (library, threads)."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     n = default_threads() if n is None else n
+    quantized.set_threads(n)
     threadpool_limits(limits=n, user_api="blas")
     libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     name = ",".join(f"{i.get('internal_api')} {i.get('version')}" for i in libs) or "unknown"
@@ -51,12 +57,13 @@ class Model:
     files: ModelFiles
 
     @classmethod
-    def load(cls, source: str | Path | None = None,
-             progress: Progress | None = None) -> Model:
+    def load(cls, source: str | Path | None = None, progress: Progress | None = None,
+             quant: str | None = None) -> Model:
         """Load a model (the embedded Gemma 3 270M when `source` is None); `progress` hears
-        about a first build (engine.weights)."""
-        files = load_model_files(source) if progress is None else load_model_files(source,
-                                                                                   progress)
+        about a first build; `quant`: the type a Hugging Face checkpoint is quantized to
+        (engine.weights.load_model_files)."""
+        files = (load_model_files(source, quant) if progress is None
+                 else load_model_files(source, quant, progress))
         weights = Weights.from_packed(files.config, files.tensors)
         return cls(files.config, weights, files.tokenizer, files)
 
@@ -67,7 +74,8 @@ class Model:
         h.update(self.files.source_sha256.encode())
         for name in sorted(p.name for p in self.files.ready_dir.glob("tokenizer*.json")):
             h.update((self.files.ready_dir / name).read_bytes())
-        h.update(f"fp32|ready{ENGINE_READY_VERSION}|engine{ENGINE_VERSION}".encode())
+        kind = "q" if self.weights.tok_embd is not None else "fp32"
+        h.update(f"{kind}|ready{ENGINE_READY_VERSION}|engine{ENGINE_VERSION}".encode())
         return h.hexdigest()
 
     @property
@@ -79,6 +87,15 @@ class Model:
         from engine.model import forward
 
         forward(self.config, self.weights, [self.tokenizer.bos_id], self.new_kv(1))
+
+    def build_quantized(self, threads: int) -> float:
+        """Build every quantized matrix's kernel now (they are built on first use otherwise);
+        returns the seconds it took."""
+        t0 = time.perf_counter()
+        for _, m in self.weights.matrices():
+            if isinstance(m, quantized.QWeight):
+                m.build(threads)
+        return time.perf_counter() - t0
 
     def build_kernels(self, threads: int, background: bool = False) -> threading.Thread | None:
         """Build the packed kernels (engine/kernels) on `threads` threads; until they are
@@ -95,8 +112,26 @@ class Model:
         thread.start()
         return thread
 
+    def weight_status(self) -> dict[str, object]:
+        """What `status` says of the weights: matrix types, bytes, K/V bytes per token."""
+        types: dict[str, int] = {}
+        nbytes = 0
+        for _, m in self.weights.matrices():
+            for t in (m.types if isinstance(m, quantized.QWeight) else ("F32",)):
+                types[t] = types.get(t, 0) + 1
+            nbytes += m.nbytes
+        nbytes += sum(a.nbytes for layer in self.weights.layers for a in vars(layer).values()
+                      if isinstance(a, np.ndarray) and a.ndim == 1)
+        return {"weight_types": dict(sorted(types.items())), "weight_bytes": nbytes,
+                "kv_bytes_per_token": self.config.kv_bytes_per_token,
+                "quant": self.files.quant}
+
     def kernel_status(self) -> dict[str, object]:
         kernels = self.weights.kernels
+        if self.weights.tok_embd is not None:  # quantized: every matrix by its own kernel
+            return {"state": "ready", "backend": quantized.BACKEND,
+                    "threads": quantized.threads(),
+                    "packed_bytes": sum(m.nbytes for _, m in self.weights.matrices())}
         if kernels is None:
             return {"state": "off: none for this model", "backend": "numpy"}
         st = kernels.stats

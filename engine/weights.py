@@ -1,13 +1,17 @@
-"""Model files: find the embedded GGUF, dequantize it once, keep an engine-ready fp32 copy.
+"""Model files: find the embedded GGUF, repack it once, keep an engine-ready copy.
 
 The engine-ready copy is a directory keyed by the source file's sha256 holding
-`model.safetensors` (canonical tensor names, fp32, memory-mapped on load), `engine.json`
-(config, source digest, a checksum per tensor) and the tokenizer files. Every load checks
-every tensor against its checksum (engine.integrity: ~0.1 s for the 1.07 GB copy); a stale or
-corrupt copy is rebuilt with a warning. Building re-hashes the source: the embedded GGUF must
-match its package's sha256 (else it is assembled again), a user's GGUF is hashed afresh and
-its dequantized tensors must be finite. A missing or corrupt source file is a `ValueError` that
-names the path. `progress(message, fraction)` callbacks report the slow first build.
+`model.safetensors` (memory-mapped on load), `engine.json` (config, source digest, the block
+layout of each quantized matrix, a checksum per stored array) and the tokenizer files. A GGUF's
+quantized matrices keep their own values in the engine's block layout (engine.kernels.blocks:
+exact, no re-quantization; each as `name.i.q/scales/zp/offsets` arrays); F32/F16/BF16 tensors
+and Hugging Face checkpoints become fp32. Every load checks every array against its checksum
+(engine.integrity); a stale or corrupt copy is rebuilt with a warning. Building re-hashes the
+source: the embedded GGUF must match its package's sha256 (else it is assembled again), a
+user's GGUF is hashed afresh, its dense tensors must be finite and its quantized blocks must
+have finite scales and in-range values. A missing or corrupt source file is a `ValueError`
+that names the path (and the tensor). `progress(message, fraction)` callbacks report the slow
+first build.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -38,12 +43,14 @@ from engine.integrity import (
     verify,
     write_safetensors,
 )
-from engine.model import pack_tensors
+from engine.kernels.blocks import DENSE_TYPES, QUANT_CHOICES, BlockQuant, from_gguf, quantize
+from engine.kernels.quantized import QWeight
+from engine.model import Tensor, pack_tensors
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-ENGINE_READY_VERSION = 2  # bump when the engine-ready layout changes (2: checksums)
+ENGINE_READY_VERSION = 3  # bump when the layout changes (2: checksums, 3: quantized blocks)
 EMBEDDED_MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
 
 Progress = Callable[[str, "float | None"], None]  # (what is happening, fraction done or None)
@@ -139,8 +146,11 @@ def _hashed_now(path: Path) -> bool:
 # --------------------------------------------------------------------------- GGUF reading
 
 
-def read_gguf(path: Path) -> tuple[Any, dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
-    """The reader, metadata (tokenizer arrays left out) and a lazy stream of (name, fp32 array)."""
+def read_gguf(path: Path, dense: bool = False
+              ) -> tuple[Any, dict[str, Any], Iterator[tuple[str, Tensor]]]:
+    """The reader, metadata (tokenizer arrays left out) and a lazy stream of (name, tensor):
+    quantized matrices as BlockQuant (their own values, repacked), others as fp32 arrays;
+    with `dense`, every tensor as fp32."""
     from gguf import GGUFReader, quants
 
     try:
@@ -159,13 +169,20 @@ def read_gguf(path: Path) -> tuple[Any, dict[str, Any], Iterator[tuple[str, np.n
         except Exception:  # noqa: S112 - odd metadata types are not needed
             continue
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+    def tensors() -> Iterator[tuple[str, Tensor]]:
         for t in reader.tensors:
             name = _canonical_gguf_name(t.name)
             if name is None:
                 log.warning("%s: ignoring unknown tensor %s", path, t.name)
                 continue
-            arr = quants.dequantize(t.data, t.tensor_type)
+            kind = t.tensor_type.name
+            if not dense and kind not in DENSE_TYPES and t.data.ndim == 2:
+                yield name, from_gguf(t.name, kind, t.data)
+                continue
+            try:
+                arr = quants.dequantize(t.data, t.tensor_type)
+            except Exception as e:  # gguf raises assorted errors on bad blocks
+                raise ValueError(f"tensor {t.name} ({kind}) is malformed ({e})") from e
             yield name, np.ascontiguousarray(arr, dtype=np.float32)
 
     return reader, meta, tensors()
@@ -186,7 +203,8 @@ def _canonical_gguf_name(name: str) -> str | None:
 
 # --------------------------------------------------------------------------- safetensors mmap
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+           "U8": np.uint8}
 
 
 def mmap_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -221,41 +239,62 @@ def mmap_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """An engine-ready model: config, fp32 tensors (memory-mapped) and tokenizer."""
+    """An engine-ready model: config, tensors (memory-mapped: quantized or fp32), tokenizer."""
 
     config: ModelConfig
-    tensors: Mapping[str, np.ndarray]
+    tensors: Mapping[str, np.ndarray | QWeight]
     tokenizer: Tokenizer
     source: Path  # the file the user named (GGUF or checkpoint dir)
     source_sha256: str
     ready_dir: Path
+    quant: str = "gguf"  # "gguf": the file's own types; else what a checkpoint was quantized to
 
 
-def load_model_files(source: str | Path | None = None,
+def default_quant(n_params: int) -> str:
+    """The weight type a Hugging Face checkpoint gets unless one is asked for: q8_0 (on the
+    shipped model exported to HF: max 0.02 nats from f32, README) below 8B parameters, the
+    4-bit q4_0 from 8B up, so a 12B model fits a 16 GB laptop."""
+    return "q8_0" if n_params < 8_000_000_000 else "q4_0"
+
+
+_QUANTIZED = re.compile(r"tok_embd|layers\.\d+\.(wq|wk|wv|wo|w_gate|w_up|w_down)")
+
+
+def load_model_files(source: str | Path | None = None, quant: str | None = None,
                      progress: Progress = _no_progress) -> ModelFiles:
     """Load a model via its engine-ready copy: the embedded GGUF when `source` is None, else a
-    GGUF file, a Hugging Face checkpoint directory or a repo id in the HF cache."""
+    GGUF file, a Hugging Face checkpoint directory or a repo id in the HF cache.
+
+    `quant` (one of QUANT_CHOICES) is the weight type a Hugging Face checkpoint is quantized
+    to, once (None: `default_quant`); a GGUF keeps its own types whatever `quant` says."""
     from engine import hf
 
+    if quant is not None and quant not in QUANT_CHOICES:
+        raise ValueError(f"unknown quant {quant!r} (choose from {', '.join(QUANT_CHOICES)})")
     path = embedded_model_path(progress) if source is None else hf.resolve(source)
     build: Callable[[Path, str, Path, Progress], None]
+    key = ""
     if path.is_dir():
+        q = quant or default_quant(checkpoint_params(path))
         digest = hf.checkpoint_digest(path)
-        build = _build_ready_from_hf
+        key = f"-{q}"
+
+        def build(directory: Path, digest: str, ready: Path, progress: Progress) -> None:
+            _build_ready_from_hf(directory, digest, ready, progress, q)
     else:
         digest = file_sha256(path)
         build = _build_ready_from_gguf
     private_dir(cache_root(), tighten=True)
     root = private_dir(cache_root() / "engine-ready", tighten=True)
     remove_stale_temps(root)  # a build killed half-way
-    ready = _try_ready(root, path, digest)
+    ready = _try_ready(root, path, digest, key)
     if isinstance(ready, ModelFiles):
         return ready
     if not path.is_dir():
         fresh = _checked_source(path, digest, source is None, progress)
         if fresh != digest:
             digest = fresh
-            ready = _try_ready(root, path, digest)
+            ready = _try_ready(root, path, digest, key)
             if isinstance(ready, ModelFiles):
                 return ready
     build(path, digest, ready, progress)
@@ -263,10 +302,10 @@ def load_model_files(source: str | Path | None = None,
     return _open_ready(ready, path, digest)
 
 
-def _try_ready(root: Path, source: Path, digest: str) -> ModelFiles | Path:
-    """The engine-ready copy for `digest` if it exists and is intact, else where to build it
-    (a corrupt one is removed with a warning)."""
-    ready = root / f"{digest[:24]}-v{ENGINE_READY_VERSION}"
+def _try_ready(root: Path, source: Path, digest: str, key: str = "") -> ModelFiles | Path:
+    """The engine-ready copy for `digest` (and `key`: a checkpoint's quant) if it exists and
+    is intact, else where to build it (a corrupt one is removed with a warning)."""
+    ready = root / f"{digest[:24]}{key}-v{ENGINE_READY_VERSION}"
     if ready.exists():
         try:
             return _open_ready(ready, source, digest)
@@ -295,15 +334,31 @@ def _checked_source(path: Path, digest: str, embedded: bool, progress: Progress)
     return fresh
 
 
-def _build_ready_from_hf(directory: Path, digest: str, ready: Path, progress: Progress) -> None:
+def checkpoint_params(directory: Path) -> int:
+    """A checkpoint's parameter count, from its safetensors headers (no weight is read)."""
+    from engine.hf import weight_files
+
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory}: not a checkpoint directory (no config.json)")
+    return sum(int(a.size) for f in weight_files(directory)
+               for a in mmap_safetensors(f)[0].values())
+
+
+def _build_ready_from_hf(directory: Path, digest: str, ready: Path, progress: Progress,
+                         quant: str) -> None:
     from engine.hf import read_checkpoint
 
-    log.info("building engine-ready copy of %s in %s (once)", directory, ready)
+    log.info("building engine-ready copy of %s in %s as %s (once)", directory, ready, quant)
     progress(f"reading {directory.name}", None)
     config, tensors, tokenizer = read_checkpoint(directory)
     check_tensors(config, tensors, directory, packed=False)
+    progress(f"quantizing to {quant}", None)
+    quantized: dict[str, Tensor] = {
+        name: quantize(name, t, quant) if _QUANTIZED.fullmatch(name) else t
+        for name, t in tensors.items()}
     progress("writing the engine-ready copy", None)
-    write_ready(ready, config, pack_tensors(config, tensors), tokenizer, directory, digest)
+    write_ready(ready, config, pack_tensors(config, quantized), tokenizer, directory, digest,
+                {"quant": quant})
 
 
 def _open_ready(ready: Path, source: Path, digest: str) -> ModelFiles:
@@ -317,21 +372,20 @@ def _open_ready(ready: Path, source: Path, digest: str) -> ModelFiles:
     if info.get("checksum_algo") != CHECKSUM_ALGO or not isinstance(info.get("checksums"),
                                                                     dict):
         raise ValueError(f"{ready}: engine.json carries no checksums")
-    tensors, _ = mmap_safetensors(ready / "model.safetensors")
+    arrays, _ = mmap_safetensors(ready / "model.safetensors")
+    verify(arrays, info["checksums"], ready / "model.safetensors")
+    tensors = unflatten(arrays, info.get("quantized", {}), ready)
     check_tensors(config, tensors, ready, packed=True)
-    verify(tensors, info["checksums"], ready / "model.safetensors")
     tokenizer = Tokenizer.load(ready)
-    return ModelFiles(config, tensors, tokenizer, source, digest, ready)
+    return ModelFiles(config, tensors, tokenizer, source, digest, ready,
+                      str(info.get("quant", "gguf")))
 
 
 def expected_shapes(cfg: ModelConfig, packed: bool) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, canonical (`packed=False`) or engine-ready (`packed=True`)."""
     d = cfg.d_model
     want: dict[str, tuple[int, ...]] = {"final_norm": (d,)}
-    if packed:
-        want["tok_embd_t"] = (d, cfg.vocab_size)
-    else:
-        want["tok_embd"] = (cfg.vocab_size, d)
+    want["tok_embd"] = (cfg.vocab_size, d)  # packed: tok_embd_t (d, V) if dense
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         hd, ff = cfg.head_dim_of(i), cfg.ff_of(i)
@@ -363,9 +417,12 @@ def expected_shapes(cfg: ModelConfig, packed: bool) -> dict[str, tuple[int, ...]
     return want
 
 
-def check_tensors(cfg: ModelConfig, t: Mapping[str, np.ndarray], where: Path, packed: bool) -> None:
+def check_tensors(cfg: ModelConfig, t: Mapping[str, np.ndarray | QWeight | BlockQuant],
+                  where: Path, packed: bool) -> None:
     """ValueError naming `where` if a tensor is missing or has the wrong shape."""
     for name, shape in expected_shapes(cfg, packed).items():
+        if packed and name == "tok_embd" and "tok_embd_t" in t:
+            name, shape = "tok_embd_t", shape[::-1]
         if name not in t:
             raise ValueError(f"{where}: tensor {name} missing")
         if tuple(t[name].shape) != shape:
@@ -376,13 +433,14 @@ def _build_ready_from_gguf(path: Path, digest: str, ready: Path, progress: Progr
     log.info("building engine-ready copy of %s in %s (once)", path, ready)
     reader, meta, stream = read_gguf(path)
     n = max(1, len(reader.tensors))
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, Tensor] = {}
     try:
         for i, (name, arr) in enumerate(stream):
-            if not np.isfinite(arr).all():  # a flipped scale byte: inf or nan weights
+            # a flipped scale byte: inf or nan weights (BlockQuant checks its own blocks)
+            if isinstance(arr, np.ndarray) and not np.isfinite(arr).all():
                 raise ValueError(f"tensor {name} has non-finite values")
             tensors[name] = arr
-            progress(f"dequantizing {path.name} ({i + 1}/{n} tensors)", 0.9 * (i + 1) / n)
+            progress(f"repacking {path.name} ({i + 1}/{n} tensors)", 0.9 * (i + 1) / n)
     except Exception as e:
         raise ValueError(f"{path}: corrupt GGUF tensor data ({e})") from e
     if "tok_embd" not in tensors:
@@ -397,10 +455,11 @@ def _build_ready_from_gguf(path: Path, digest: str, ready: Path, progress: Progr
 def write_ready(
     ready: Path,
     config: ModelConfig,
-    packed: Mapping[str, np.ndarray],
+    packed: Mapping[str, np.ndarray | QWeight],
     tokenizer: Tokenizer,
     source: Path,
     digest: str,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Write an engine-ready directory atomically: build it in a private temp dir named after
     this process (a later start removes it if we are killed), fsync, then rename."""
@@ -408,7 +467,7 @@ def write_ready(
     tmp = temp_name(ready)
     os.mkdir(tmp, 0o700)
     try:
-        tensors = dict(packed)
+        tensors, layout = flatten(packed)
         write_safetensors(tmp / "model.safetensors", tensors, {"source_sha256": digest})
         tokenizer.save(tmp)
         info = {
@@ -418,7 +477,8 @@ def write_ready(
             "config": json.loads(config.to_json()),
             "checksum_algo": CHECKSUM_ALGO,
             "checksums": checksums(tensors),
-        }
+            "quantized": layout,
+        } | dict(extra or {})
         (tmp / "engine.json").write_text(json.dumps(info, indent=1))
         private_tree(tmp)
         for f in tmp.iterdir():
@@ -436,3 +496,59 @@ def write_ready(
             log.info("%s was written by another process meanwhile; using it", ready)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def flatten(packed: Mapping[str, np.ndarray | QWeight]
+            ) -> tuple[dict[str, np.ndarray], dict[str, list[dict[str, Any]]]]:
+    """Arrays to save (a QWeight's parts as `name.i.q/scales/zp/offsets`) and their layout."""
+    arrays: dict[str, np.ndarray] = {}
+    layout: dict[str, list[dict[str, Any]]] = {}
+    for name, t in packed.items():
+        if not isinstance(t, QWeight):
+            arrays[name] = np.ascontiguousarray(t)
+            continue
+        layout[name] = []
+        for i, p in enumerate(t.parts):
+            layout[name].append({"type": p.ggml_type, "shape": list(p.shape), "block": p.block,
+                                 "bits": p.bits, "offsets": p.offsets is not None})
+            arrays |= {f"{name}.{i}.q": p.q, f"{name}.{i}.scales": p.scales,
+                       f"{name}.{i}.zp": p.zp}
+            if p.offsets is not None:
+                arrays[f"{name}.{i}.offsets"] = p.offsets
+    # bytes last, so every wider array starts aligned to its item size
+    order = sorted(arrays, key=lambda k: arrays[k].dtype.itemsize == 1)
+    return {k: arrays[k] for k in order}, layout
+
+
+def unflatten(arrays: Mapping[str, np.ndarray], layout: Mapping[str, Any], where: Path
+              ) -> dict[str, np.ndarray | QWeight]:
+    """The inverse of `flatten`, checking every part's arrays against its layout."""
+    out: dict[str, np.ndarray | QWeight] = {}
+    used: set[str] = set()
+    try:
+        for name, parts in layout.items():
+            blocks = []
+            for i, info in enumerate(parts):
+                N, K = (int(v) for v in info["shape"])
+                block, bits = int(info["block"]), int(info["bits"])
+                nb = K // block
+                keys = {k: f"{name}.{i}.{k}" for k in ("q", "scales", "zp", "offsets")}
+                want = {"q": ((N, nb, block * bits // 8), np.uint8),
+                        "scales": ((N, nb), np.float32), "zp": ((N, nb), np.uint8)}
+                if info["offsets"]:
+                    want["offsets"] = ((N, nb), np.float32)
+                for k, (shape, dtype) in want.items():
+                    a = arrays[keys[k]]
+                    if a.shape != shape or a.dtype != dtype:
+                        raise ValueError(f"{keys[k]} is {a.shape} {a.dtype}, want {shape}")
+                    used.add(keys[k])
+                blocks.append(BlockQuant(
+                    name, str(info["type"]), (N, K), block, bits, arrays[keys["q"]],
+                    arrays[keys["scales"]], arrays[keys["zp"]],
+                    arrays[keys["offsets"]] if info["offsets"] else None))
+            out[name] = QWeight(name, tuple(blocks))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: quantized tensor layout does not match its arrays ({e})"
+                         ) from e
+    out |= {k: v for k, v in arrays.items() if k not in used}
+    return out

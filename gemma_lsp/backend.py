@@ -132,7 +132,7 @@ class EngineBackend:
 
     def __init__(self, socket_path: str | None = None, autostart: bool = True,
                  model: str | None = None, draft_model: str | None = None,
-                 kernels: bool = True) -> None:
+                 kernels: bool = True, quant: str | None = None) -> None:
         from gemma_lsp.engine_client import EngineClient
 
         self._lock = threading.Lock()
@@ -140,7 +140,8 @@ class EngineBackend:
         self._make = lambda: EngineClient(socket_path=socket_path, autostart=autostart,
                                           model=model, start_wait=START_WAIT_S,
                                           on_start=self._on_start, connect=False,
-                                          draft_model=draft_model, kernels=kernels)
+                                          draft_model=draft_model, kernels=kernels,
+                                          quant=quant)
         self._client: Any = None
         self._listener: Any = None
         self.model_name = "gemma-3-270m"

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.protocol import QUANT_CHOICES
+
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
@@ -57,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--socket", type=Path, help="socket path (default: in the runtime dir)")
     e.add_argument("--idle-timeout", type=float, default=1800.0,
                    help="exit after this many seconds without clients (0 = never)")
+    e.add_argument("--quant", choices=QUANT_CHOICES,
+                   help="the weight type a Hugging Face checkpoint is quantized to once "
+                   "(default: q8_0 below 8B parameters, q4_0 above; a GGUF keeps its own)")
     e.add_argument("--draft-model", help="a Gemma 4 assistant (MTP) checkpoint directory or "
                    "cached repo id to draft with (default: prompt lookup)")
     e.add_argument("--no-speculate", action="store_true",
@@ -250,6 +255,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
             cache_file=args.cache_file, http=http, client_buffer_kb=args.client_buffer_kb,
             client_stall_s=args.client_stall_s, draft_model=args.draft_model,
             speculate=not args.no_speculate, kernels=not args.no_kernels,
+            quant=args.quant,
         )
         return serve(opts)
     except ValueError as e:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from engine.protocol import QUANT_CHOICES
 from gemma_lsp.context import Budgets
 from gemma_lsp.documents import DEFAULT_MAX_FILE_BYTES
 
@@ -95,6 +96,7 @@ class EngineOptions:
     model: str | None = None  # builtin: GGUF path (None: the embedded model)
     draft_model: str | None = None  # builtin: a Gemma 4 assistant (MTP) checkpoint or repo id
     kernels: bool = True  # builtin: packed matmul kernels (False saves memory, runs slower)
+    quant: str | None = None  # builtin: a Hugging Face checkpoint's weight type (None: by size)
     url: str = "http://127.0.0.1:8080/v1"  # openai: server base URL
     api_key: str | None = None
     model_name: str | None = None  # openai: the "model" field; also picks the FIM template
@@ -238,6 +240,7 @@ _RULES: dict[type, dict[str, _Rule]] = {
         "model": _str(optional=True),
         "draft_model": _str(optional=True),
         "kernels": _bool(),
+        "quant": _choice(QUANT_CHOICES),
         "url": _str(),
         "api_key": _str(optional=True),
         "model_name": _str(optional=True),

@@ -253,6 +253,7 @@ class EngineClient:
         connect: bool = True,
         draft_model: str | None = None,
         kernels: bool = True,
+        quant: str | None = None,
     ) -> None:
         """`start_wait`: how long a request waits for an engine that builds its model copy
         (a first start) before it fails with code "starting" (default: `start_timeout`; one
@@ -264,6 +265,7 @@ class EngineClient:
         self.model_path = model
         self.draft_model = draft_model
         self.kernels = kernels
+        self.quant = quant
         self.start_timeout = start_timeout
         self.start_wait = start_timeout if start_wait is None else start_wait
         self.on_start = on_start
@@ -471,6 +473,8 @@ class EngineClient:
             cmd += ["--draft-model", self.draft_model]
         if not self.kernels:
             cmd += ["--no-kernels"]
+        if self.quant:
+            cmd += ["--quant", self.quant]
         return cmd
 
     def _read(self, sock: socket.socket) -> None:

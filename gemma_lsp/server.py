@@ -198,7 +198,7 @@ def _default_backend(options: ServerOptions) -> Backend:
     if e.backend != "builtin":
         return UnavailableBackend(f"backend {e.backend!r} is not available in this version")
     return EngineBackend(socket_path=e.socket_path, autostart=e.autostart, model=e.model,
-                         draft_model=e.draft_model, kernels=e.kernels)
+                         draft_model=e.draft_model, kernels=e.kernels, quant=e.quant)
 
 
 def create_server(backend_factory: Any = None, debug_commands: bool = False) -> GemmaServer:

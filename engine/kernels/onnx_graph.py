@@ -84,7 +84,7 @@ class Node:
     op_type: str
     inputs: Sequence[str]
     outputs: Sequence[str]
-    attrs: dict[str, int | float] = field(default_factory=dict)
+    attrs: dict[str, int | float | tuple[int, ...]] = field(default_factory=dict)
     domain: str = ""
 
     def encode(self) -> bytes:
@@ -92,7 +92,9 @@ class Node:
         out += b"".join(_str(2, o) for o in self.outputs)
         out += _str(3, self.outputs[0]) + _str(4, self.op_type)
         for name, v in self.attrs.items():
-            if isinstance(v, float):
+            if isinstance(v, tuple):  # INTS
+                attr = _str(1, name) + b"".join(_int(8, i) for i in v) + _int(20, 7)
+            elif isinstance(v, float):
                 attr = _str(1, name) + _float(2, v) + _int(20, 1)
             else:
                 attr = _str(1, name) + _int(3, int(v)) + _int(20, 2)

@@ -152,6 +152,11 @@ class Kernels:
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def size(self) -> int:
+        """How many matrices are registered."""
+        return len(self._by_id)
+
     @contextmanager
     def scope(self, rows: int) -> Iterator[None]:
         """Around a forward over `rows` rows: while the packed kernels do its matmuls,

@@ -38,7 +38,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Model]
     mp = pytest.MonkeyPatch()
     mp.setenv("GEMMA_LSP_CACHE", str(root / "cache"))
     ref = tu.build(root / "tiny-gemma4-unified")
-    yield ref, Model.load(root / "tiny-gemma4-unified")
+    yield ref, Model.load(root / "tiny-gemma4-unified", quant="f32")  # fp32: as transformers
     mp.undo()
 
 

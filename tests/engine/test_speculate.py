@@ -34,7 +34,7 @@ from gemma_lsp.prompts import (
     refactor_prompt,
     template_for_model,
 )
-from tests.conftest import TYPING_BASE
+from tests.conftest import QUANT_ATOL, TYPING_BASE, assert_same_top
 from tests.engine.tiny import tiny_config, tiny_tensors, tiny_vocab, write_tiny_gguf
 
 CODE = TYPING_BASE.read_text()
@@ -161,8 +161,8 @@ def test_greedy_speculation_equals_plain_greedy_on_the_shipped_model(model: Any,
     assert ff.token_ids == pf.token_ids and ff.text == pf.text and ff.reason == pf.reason
     assert [s.text for s in fast] == [s.text for s in plain]
     for a, b in zip(fast, plain, strict=True):  # logprobs as plain decoding reports them
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
-        assert [i for i, _ in a.top] == [i for i, _ in b.top]
+        assert a.logprob == pytest.approx(b.logprob, abs=QUANT_ATOL)
+        assert_same_top(list(a.top), list(b.top))
     assert spec.drafted > 0 and spec.verify_steps > 0
     if kind in ("refactor", "docstring"):  # these copy the selection: drafts are accepted
         assert spec.accepted > 0
@@ -265,7 +265,10 @@ def test_scheduler_speculates_and_rejected_drafts_never_reach_the_prompt_cache(
     kv = model.new_kv(len(seq))
     forward(c, model.weights, seq, kv, logits="none")
     got = np.concatenate([n.k for n in _chain(cache)], axis=2)
-    assert float(np.abs(got - kv.k[:, :, : len(seq)]).max()) < 1e-3
+    # the generation's rows went through the few-row kernel, this one-shot forward through the
+    # dequantized sgemm: keys agree to ~0.05 (magnitudes up to ~10); a leaked draft's differ
+    # by O(1)
+    assert float(np.abs(got - kv.k[:, :, : len(seq)]).max()) < 0.15
 
 
 def _chain(cache: PromptCache) -> list[Any]:

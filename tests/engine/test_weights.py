@@ -149,7 +149,7 @@ def test_progress_is_reported_while_building(cache: Path, gguf_path: Path) -> No
     seen: list[tuple[str, float | None]] = []
     load_model_files(gguf_path, progress=lambda m, f: seen.append((m, f)))
     text = " ".join(m for m, _ in seen)
-    assert "sha256" in text and "dequantizing" in text and "writing" in text
+    assert "sha256" in text and "repacking" in text and "writing" in text
     fractions = [f for _, f in seen if f is not None]
     assert fractions == sorted(fractions) and 0 < fractions[-1] < 1
     seen.clear()

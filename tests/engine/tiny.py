@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from engine.config import ModelConfig
 from engine.model import Weights, pack_tensors
+
+
+def tiny_gemma4_text_config(tf: Any) -> Any:
+    """A transformers Gemma4TextConfig (`tf`: the transformers module) of a tiny dense Gemma 4
+    with every feature the engine maps: plain norms, V norm, wider full-attention heads with
+    partial RoPE, K = V and fewer K/V heads there, K/V sharing, double-wide MLP, softcap."""
+    kinds = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+             "full_attention", "sliding_attention", "full_attention"]
+    return tf.Gemma4TextConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=7,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+        num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=2,
+        use_double_wide_mlp=True, sliding_window=64, max_position_embeddings=2048,
+        layer_types=kinds, hidden_size_per_layer_input=0, final_logit_softcapping=30.0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                         "full_attention": {"rope_type": "proportional", "rope_theta": 1e6,
+                                            "partial_rotary_factor": 0.25}},
+        attn_implementation="eager")
+
 
 
 def tiny_config(**overrides: object) -> ModelConfig:
