@@ -7,7 +7,12 @@ one fires) and on the final text (`trim_completion`):
   lines below the cursor, or the whole rest of the cursor line);
 - scope: a line less indented than the block at the cursor (indentation-based languages), or
   more closing than opening braces (brace languages: the line that closes the block is kept);
-- length: at most ``max_lines`` lines.
+- length: at most ``max_lines`` lines;
+- the middle of a line: where the rest of the cursor line is more than closing brackets and
+  punctuation, a completion must run into that rest (then the rest is kept after it), else
+  there is none. (An insertion that stops short leaves the old rest of the line behind it:
+  `def area(width|, h):` completed with `, height):` and a docstring line kept `, h):` at
+  the end of that line. Copilot's middle-of-line rule is the same.)
 
 A completion-menu item must also be a complete unit (`complete_unit`): whole lines from the
 cursor, brackets and quotes balanced, not ending on an operator, or nothing.
@@ -18,6 +23,7 @@ breaks are ``\\n``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from gemma_lsp.context import CompletionContext, indent_width
@@ -45,6 +51,8 @@ BRACE_LANGUAGES = frozenset(
 )
 _TRIVIAL = frozenset(")]}>;,.:'\"` \t\r\n")
 _BLOCK_OPENERS = (":",)  # a line ending like this opens a nested block (indent languages)
+# a rest of the cursor line a completion may be inserted before, whatever it ends with
+_END_OF_LINE = re.compile(r"\s*[)\]}>\"'`]*\s*[:{;,]?\s*")
 
 
 def _suffix_anchors(ctx: CompletionContext) -> tuple[str | None, str | None]:
@@ -183,6 +191,10 @@ def trim_completion(text: str, ctx: CompletionContext, max_lines: int) -> str:
     """The completion cut by the rules, without an overlap with the rest of the cursor line and
     without trailing whitespace; "" when nothing but whitespace is left."""
     text = text.replace("\r\n", "\n")
+    rest = ctx.line_suffix.rstrip()
+    if rest.strip() and not _END_OF_LINE.fullmatch(rest) and not any(
+            line.rstrip().endswith(rest) for line in text.split("\n")):
+        return ""  # the middle of a line, and the completion stops short of its rest
     cut = _find_cut(text, ctx, max_lines, final=True)
     if cut is not None:
         text = text[:cut]

@@ -51,7 +51,7 @@ def files() -> Iterator[None]:
 
 def _complete(client: LanguageClient) -> Any:
     return client.text_document_inline_completion_async(t.InlineCompletionParams(
-        text_document=t.TextDocumentIdentifier(URI), position=t.Position(4, 4),
+        text_document=t.TextDocumentIdentifier(URI), position=t.Position(5, 4),
         context=t.InlineCompletionContext(trigger_kind=t.InlineCompletionTriggerKind.Invoked)))
 
 

@@ -64,6 +64,18 @@ def test_rest_of_line_repeated_then_more_lines() -> None:
     assert trim_completion("a, b)\nextra = 1\n", ctx, 8) == "a, b"
 
 
+def test_in_the_middle_of_a_line_a_completion_must_run_into_the_rest() -> None:
+    ctx = ctx_at("def area(width|, h):\n    return w * h\n")
+    # it stops short of ", h):": inserting it would leave ", h):" behind (seen in VS Code)
+    assert trim_completion(', height):\n    """Area."""', ctx, 8) == ""
+    assert trim_completion("_px", ctx, 8) == ""
+    # it runs into the rest: an insertion, the rest kept after it
+    assert trim_completion("_px, h):", ctx, 8) == "_px"
+    # only closers after the cursor: anything goes
+    assert trim_completion("x, y", ctx_at("f(|)\n"), 8) == "x, y"
+    assert trim_completion("a)\n    b = 2", ctx_at("if f(|):\n"), 8) == "a)\n    b = 2"
+
+
 # --- scope --------------------------------------------------------------------------------------
 
 

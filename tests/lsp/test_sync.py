@@ -195,7 +195,8 @@ async def test_crlf_refactor_and_completion_use_the_documents_line_break() -> No
     after = ref.apply_text_edits(doc, change["edits"], "utf-16")
     assert after == "def f(x):\r\n    y = x\r\n    return y\r\n\r\nprint(f(1))\r\n"
 
-    s.backend.answer = "if x:\n        return 1\n"
+    # mid-line (before "return x"): the answer runs into the rest of the line
+    s.backend.answer = "if x:\n        return 1\n    return x\n"
     pos = {"line": 1, "character": 4}
     menu = await s.request("textDocument/completion",
                            {"textDocument": {"uri": URI}, "position": pos})
