@@ -31,9 +31,10 @@ SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 # a quantized trunk matmul of up to this many rows runs MatMulNBits on int8 activations and
 # their rounding residual (engine.kernels.quantized); longer chunks dequantize tile by tile
 # for BLAS sgemm (fp32 activations, exact). Per layer of the shipped model: 64 rows 12 vs
-# 23 ms, 128 rows ~25 ms both ways, 512 rows 142 vs 58 ms. The LM head always takes
-# MatMulNBits: dequantizing its 168M weights would cost more than any chunk saves.
-NBITS_MAX_ROWS = 128
+# 23 ms, 512 rows 142 vs 58 ms; prefill of 128-token chunks 200 tok/s one way, 270 the
+# other. The LM head always takes MatMulNBits: dequantizing its 168M weights would cost
+# more than any chunk saves.
+NBITS_MAX_ROWS = 64
 
 Matrix = np.ndarray | QWeight  # a weight matrix (out, in): dense fp32 or block-quantized
 Tensor = np.ndarray | BlockQuant  # a canonical tensor as read from a file
