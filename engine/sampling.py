@@ -28,10 +28,9 @@ class SamplingParams:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Full log-softmax in fp64-safe fp32 (max-shifted)."""
-    m = logits.max()
-    shifted = logits - m  # (V,)
-    return shifted - np.log(np.exp(shifted).sum())  # (V,)
+    """Full log-softmax over the last axis in fp64-safe fp32 (max-shifted): (..., V)."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)  # (..., V)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # (..., V)
 
 
 def logprob_of(logits: np.ndarray, token_id: int) -> float:

@@ -146,11 +146,9 @@ def _hashed_now(path: Path) -> bool:
 # --------------------------------------------------------------------------- GGUF reading
 
 
-def read_gguf(path: Path, dense: bool = False
-              ) -> tuple[Any, dict[str, Any], Iterator[tuple[str, Tensor]]]:
+def read_gguf(path: Path) -> tuple[Any, dict[str, Any], Iterator[tuple[str, Tensor]]]:
     """The reader, metadata (tokenizer arrays left out) and a lazy stream of (name, tensor):
-    quantized matrices as BlockQuant (their own values, repacked), others as fp32 arrays;
-    with `dense`, every tensor as fp32."""
+    quantized matrices as BlockQuant (their own values, repacked), others as fp32 arrays."""
     from gguf import GGUFReader, quants
 
     try:
@@ -176,7 +174,7 @@ def read_gguf(path: Path, dense: bool = False
                 log.warning("%s: ignoring unknown tensor %s", path, t.name)
                 continue
             kind = t.tensor_type.name
-            if not dense and kind not in DENSE_TYPES and t.data.ndim == 2:
+            if kind not in DENSE_TYPES and t.data.ndim == 2:
                 yield name, from_gguf(t.name, kind, t.data)
                 continue
             try:

@@ -25,10 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    z = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+from engine.sampling import log_softmax  # noqa: E402
 
 
 def _compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
@@ -51,7 +48,7 @@ def _teacher_forced(model: Any, cases: list[dict[str, Any]]) -> np.ndarray:
         kv = KVCache(model.config, len(ids))
         prefill(model, kv, ids[:-n])
         logits = forward(model.config, model.weights, ids[-n:], kv, logits="all")
-        rows.append(_log_softmax(logits[:, : model.tokenizer.vocab_size]))
+        rows.append(log_softmax(logits[:, : model.tokenizer.vocab_size]))
     return np.concatenate(rows)
 
 
@@ -97,13 +94,13 @@ def tiny_gemma4(quants: list[str], work: Path) -> dict[str, Any] | None:
     _tiny_tokenizer_json(d / "tokenizer.json", 300)
     ids = torch.randint(4, 300, (1, 600), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref = _log_softmax(model(ids, output_hidden_states=True).logits[0].numpy())
+        ref = log_softmax(model(ids, output_hidden_states=True).logits[0].numpy())
     out: dict[str, Any] = {}
     for q in quants:
         m = Model.load(d, quant=q)
         got = forward(m.config, m.weights, ids[0].tolist(), KVCache(m.config, 600),
                       logits="all")
-        out[q] = _compare(ref, _log_softmax(got))
+        out[q] = _compare(ref, log_softmax(got))
         print(f"  tiny Gemma 4  {q:5s} " + "  ".join(f"{k} {v:.4g}" for k, v in out[q].items()),
               flush=True)
     return out

@@ -30,9 +30,7 @@ def assert_logits_agree(got: Any, want: Any, atol: float = QUANT_ATOL, k: int = 
     a near-tie (within `atol`)."""
     import numpy as np
 
-    def log_softmax(x: Any) -> Any:
-        z = x.astype(np.float64) - x.max()
-        return z - np.log(np.exp(z).sum())
+    from engine.sampling import log_softmax
 
     top = np.argsort(want)[-k:]
     g, w = log_softmax(got), log_softmax(want)

@@ -1,6 +1,8 @@
-"""Compiled matmul kernels the engine uses where numpy's BLAS is slow for its shapes.
+"""Compiled matmul kernels (onnxruntime) behind the forward pass's `Weights.linear(x, W)`.
 
-`prepacked.PrepackedMatmul` multiplies a few rows by a constant wide matrix (the tied LM head)
-through onnxruntime, which packs the matrix once instead of on every call. `onnx_graph`
-writes the small ONNX graphs those sessions run.
+`blocks` repacks GGUF block formats exactly into the engine's block-affine layout;
+`quantized.QWeight` multiplies such matrices (MatMulNBits for a few rows, tile-by-tile
+dequantizing and sgemm for long chunks); `prepacked.PrepackedMatmul` multiplies a few rows by
+a dense fp32 matrix packed once instead of on every call. `onnx_graph` writes the small ONNX
+graphs those sessions run.
 """

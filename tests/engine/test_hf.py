@@ -19,6 +19,7 @@ from engine import hf
 from engine.kv_cache import KVCache
 from engine.model import forward
 from engine.runtime import Model
+from engine.sampling import log_softmax
 from tests.engine.tiny import (
     tiny_config,
     tiny_gemma4_text_config,
@@ -240,11 +241,6 @@ def test_logits_match_transformers_on_a_tiny_random_gemma4(cache: Path, tmp_path
     assert last is not None and float(np.abs(last - got[-1]).max()) <= 1e-4
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    z = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
 def test_a_checkpoint_is_quantized_once_to_the_type_asked_for(cache: Path, tmp_path: Path) -> None:
     """Hugging Face weights are quantized at first load (q8_0 by default below 8B parameters),
     into an engine-ready copy of their own; the quantized model stays close to fp32."""
@@ -269,7 +265,7 @@ def test_a_checkpoint_is_quantized_once_to_the_type_asked_for(cache: Path, tmp_p
     for m in (q8, q4):
         got = forward(m.config, m.weights, ids, KVCache(m.config, 128), logits="all")
         assert got is not None and want is not None
-        lp, ref = _log_softmax(got), _log_softmax(want)
+        lp, ref = log_softmax(got), log_softmax(want)
         top = np.argsort(ref, axis=-1)[:, -5:]  # (T, 5) the fp32 model's top 5
         err = float(np.abs(np.take_along_axis(lp, top, -1)
                            - np.take_along_axis(ref, top, -1)).max())
