@@ -255,6 +255,7 @@ class Scheduler:
                         if self.draft_model is None else f"assistant {self.draft_model.name}"),
             "forward_ms_by_rows": self.forward_cost.snapshot(),
             "kernels": self.model.kernel_status(),
+            "weights": self.model.weight_status(),
             "queue": queue,
         }
 

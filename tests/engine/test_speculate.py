@@ -254,6 +254,11 @@ def test_scheduler_speculates_and_rejected_drafts_never_reach_the_prompt_cache(
     spec = status["speculation"]["chat"]
     assert spec["drafted"] > spec["accepted"], spec  # some drafts were rejected
     assert spec["verify_steps"] > 0 and status["forward_ms_by_rows"]
+    # the weights as they are served: the GGUF's own types, their bytes, K/V per token
+    w = status["weights"]
+    assert w["weight_types"] == {"Q4_K": 27, "Q5_0": 36, "Q6_K": 9, "Q8_0": 10}
+    assert 250e6 < w["weight_bytes"] < 350e6 and w["kv_bytes_per_token"] == 36864
+    assert w["quant"] == "gguf" and "MatMulNBits" in status["kernels"]["backend"]
     # the cache holds exactly prompt + generated tokens (all but the last), with their K/V
     seq = ids + [t.token_id for t in toks][:-1]
     node, path = cache.root, []
