@@ -21,6 +21,7 @@ import numpy as np
 from engine.audio import AudioWeights
 from engine.config import ModelConfig
 from engine.kernels.blocks import BlockQuant
+from engine.kernels.fused import FusedLayers, fusable
 from engine.kernels.prepacked import MAX_ROWS_TRUNK, Kernels
 from engine.kernels.quantized import QWeight, stack
 from engine.kv_cache import KVCache
@@ -118,6 +119,7 @@ class Weights:
     kernels: Kernels | None = None  # packed kernels for a few rows (engine/kernels), if any
     tok_embd: QWeight | None = None  # (V, d): a quantized embedding (then no tok_embd_t)
     approximate: bool = False  # quantized matmuls on int8 activations alone (scoring's tree)
+    fused: FusedLayers | None = None  # one graph per layer for a few rows (quantized trunks)
 
     def linear(self, x: np.ndarray, w: Matrix) -> np.ndarray:
         """x (T, in) @ w.T for a weight w (out, in) of this model -> (T, out)."""
@@ -174,7 +176,8 @@ class Weights:
         dense = {k: v for k, v in packed.items() if isinstance(v, np.ndarray)}
         return cls(embd_t if isinstance(embd_t, np.ndarray) else None, final_norm, layers,
                    VisionWeights.from_packed(dense), AudioWeights.from_packed(dense),
-                   kernels, embd_q if isinstance(embd_q, QWeight) else None)
+                   kernels, embd_q if isinstance(embd_q, QWeight) else None,
+                   fused=FusedLayers(layers, config.norm_eps) if fusable(layers) else None)
 
 
 def _packed_kernels(layers: Sequence[LayerWeights], embd_t: np.ndarray | None) -> Kernels | None:
@@ -434,6 +437,11 @@ def _forward(
 
     # token embedding scaled by sqrt(d); soft tokens from their embedders, unscaled
     x = embed_inputs(cfg, w, ids, start, soft)  # (T, d)
+    # a few rows on a quantized trunk: one call per layer does all but the attention
+    # (engine.kernels.fused), starting with layer 0's pre-norm and projection
+    fused = w.fused if w.fused is not None and w.fused.ready and T <= NBITS_MAX_ROWS else None
+    exact = not w.approximate
+    qkv = None if fused is None or fused.head is None else fused.head(x, exact)  # (T, ...)
 
     for i, layer in enumerate(w.layers):
         if should_stop is not None and should_stop():
@@ -442,9 +450,11 @@ def _forward(
         cos, sin = rope_local if local else rope_global
         hd, KV, src = cfg.head_dim_of(i), cfg.kv_heads(i), cfg.source(i)
 
-        # attention: pre-norm, q/k/v projections in one matmul
-        h = rmsnorm(x, layer.attn_norm, cfg.norm_eps)  # (T, d)
-        qkv = w.linear(h, layer.wqkv)  # (T, (H + 2*KV) * hd)
+        # attention: pre-norm, q/k/v projections in one matmul (fused: done by the last call)
+        if fused is None:
+            h = rmsnorm(x, layer.attn_norm, cfg.norm_eps)  # (T, d)
+            qkv = w.linear(h, layer.wqkv)  # (T, (H + 2*KV) * hd)
+        assert qkv is not None
         q = qkv[:, : H * hd].reshape(T, H, hd)  # (T, H, hd)
         # q norm over head_dim, then RoPE
         q = apply_rope(rmsnorm(q, layer.q_norm, cfg.norm_eps), cos, sin) * scale  # (T, H, hd)
@@ -461,6 +471,9 @@ def _forward(
         plan = plan_local if local else plan_global
         att = attention(q, kv.k[src, :KV, :end, :hd], kv.v[src, :KV, :end, :hd], plan,
                         start)  # (T, H*hd)
+        if fused is not None:  # the rest of this layer and the next one's projection
+            x, qkv = fused.tails[i](x, att, exact)  # (T, d), (T, ...) or None after the last
+            continue
         # output projection, post-norm, residual
         x = x + rmsnorm(w.linear(att, layer.wo), layer.post_attn_norm, cfg.norm_eps)  # (T, d)
 

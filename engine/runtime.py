@@ -14,6 +14,7 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.kernels import quantized
+from engine.kernels.fused import BACKEND as fused_backend
 from engine.kv_cache import KVCache
 from engine.model import Weights
 from engine.tokenizer import Tokenizer
@@ -89,11 +90,15 @@ class Model:
         forward(self.config, self.weights, [self.tokenizer.bos_id], self.new_kv(1))
 
     def build_quantized(self, threads: int) -> float:
-        """Build every quantized matrix's kernel now (they are built on first use otherwise);
-        returns the seconds it took."""
+        """Build the quantized kernels now (they are built on first use otherwise): one graph
+        per layer where the trunk is quantized (its matrices then get no sessions of their
+        own), else one per matrix; returns the seconds it took."""
         t0 = time.perf_counter()
-        for _, m in self.weights.matrices():
-            if isinstance(m, quantized.QWeight):
+        w = self.weights
+        if w.fused is not None:
+            w.fused.build(threads)
+        for name, m in w.matrices():
+            if isinstance(m, quantized.QWeight) and (w.fused is None or name == "tok_embd"):
                 m.build(threads)
         return time.perf_counter() - t0
 
@@ -128,8 +133,9 @@ class Model:
 
     def kernel_status(self) -> dict[str, object]:
         kernels = self.weights.kernels
-        if self.weights.tok_embd is not None:  # quantized: every matrix by its own kernel
-            return {"state": "ready", "backend": quantized.BACKEND,
+        if self.weights.tok_embd is not None:  # quantized: MatMulNBits kernels
+            fused = self.weights.fused is not None and self.weights.fused.ready
+            return {"state": "ready", "backend": fused_backend if fused else quantized.BACKEND,
                     "threads": quantized.threads(),
                     "packed_bytes": sum(m.nbytes for _, m in self.weights.matrices())}
         if kernels is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -125,3 +126,93 @@ def model_bytes(
     model += _bytes(8, _str(1, "") + _int(2, 17))
     model += _bytes(8, _str(1, "com.microsoft") + _int(2, 1))
     return model + _bytes(7, graph)
+
+
+class Graph:
+    """A graph being written: nodes, constants and external weights, then one session.
+
+    `add` names a node's output itself; `external` hands an array the session reads in place
+    (kept alive with the session); `const` embeds a small one.
+    """
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+        self.inits: list[Initializer] = []
+        self._ext_names: list[str] = []
+        self._ext_values: list[object] = []
+        self._keep: list[object] = []
+        self._names: set[str] = set()
+
+    def _fresh(self, tag: str) -> str:
+        name, i = tag, 1
+        while name in self._names:
+            name, i = f"{tag}.{i}", i + 1
+        self._names.add(name)
+        return name
+
+    def const(self, tag: str, arr: np.ndarray) -> str:
+        arr = np.asarray(arr)
+        name = self._fresh(tag)
+        self.inits.append(Initializer(name, arr.dtype, tuple(arr.shape), arr.tobytes()))
+        return name
+
+    def external(self, tag: str, arr: np.ndarray) -> str:
+        import onnxruntime as ort
+
+        arr = np.ascontiguousarray(arr)
+        name = self._fresh(tag)
+        self.inits.append(Initializer(name, arr.dtype, tuple(arr.shape), location=name,
+                                      offset=0, length=int(arr.nbytes)))
+        value = ort.OrtValue.ortvalue_from_numpy(arr)
+        self._keep += [arr, value]
+        self._ext_names.append(name)
+        self._ext_values.append(value)
+        return name
+
+    def node(self, op: str, inputs: Sequence[str], outputs: Sequence[str], domain: str = "",
+             **attrs: int | float | tuple[int, ...]) -> None:
+        self.nodes.append(Node(op, list(inputs), list(outputs), dict(attrs), domain))
+
+    def add(self, op: str, inputs: Sequence[str], domain: str = "",
+            **attrs: int | float | tuple[int, ...]) -> str:
+        """A node with one output, named here; returns that name."""
+        out = self._fresh(op.lower())
+        self.node(op, inputs, [out], domain, **attrs)
+        return out
+
+    def split(self, x: str, sizes: Sequence[int], axis: int = 1) -> list[str]:
+        outs = [self._fresh("part") for _ in sizes]
+        self.node("Split", [x, self.const("sizes", np.array(sizes, dtype=np.int64))], outs,
+                  axis=axis)
+        return outs
+
+    def rename(self, old: str, new: str) -> None:
+        """Make the value `old` the graph output `new`."""
+        self._names.add(new)
+        self.nodes = [Node(n.op_type, [new if i == old else i for i in n.inputs],
+                           [new if o == old else o for o in n.outputs], n.attrs, n.domain)
+                      for n in self.nodes]
+
+    def session(self, inputs: Sequence[tuple[str, np.dtype, Sequence[int | str]]],
+                outputs: Sequence[tuple[str, np.dtype, Sequence[int | str]]], name: str,
+                threads: int) -> tuple[Any, list[object]]:
+        """Build the session on `threads` threads: (its bound run call, what it reads from).
+        Raises ValueError naming `name` if onnxruntime refuses the graph."""
+        import onnxruntime as ort
+
+        proto = model_bytes(self.nodes, inputs, outputs, self.inits)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.enable_cpu_mem_arena = False  # outputs are freed, not kept at their largest size
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # no spinning: between calls the numpy side needs the cores
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        so.add_external_initializers(self._ext_names, self._ext_values)
+        try:
+            session = ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own exception types
+            raise ValueError(f"tensor {name}: onnxruntime refused its kernel ({e})") from e
+        return session._sess.run, [session, *self._keep]

@@ -41,12 +41,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from engine.kernels.blocks import BlockQuant
-from engine.kernels.onnx_graph import Initializer, Node, model_bytes
+from engine.kernels.onnx_graph import Graph
 
 BACKEND = "onnxruntime MatMulNBits (int8 activations + residual)"
 ACCURACY_LEVEL = 4  # int8 activations: the only fast 8-bit path in MLAS
@@ -179,121 +178,73 @@ def _packed_zero_points(p: BlockQuant) -> np.ndarray | None:
     return (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1)
 
 
+def nbits_linear(g: Graph, x: str, w: QWeight, tag: str, rk: str) -> str:
+    """Write `x (n, K) @ w.T -> (n, N)` into `g`; returns the output's name.
+
+    `rk` (int64, (1,)) is how many rows of x get their rounding residual multiplied too: n
+    (W.Q(x) + W.Q(x - Q(x)), ~3e-5 relative of W.x) or 0 (int8 activations alone). Per block
+    size of the parts the residual R is stacked under x; per part one MatMulNBits over both
+    (the weights are read once), its two halves summed, plus with a min its offset term
+    blocksum(x) @ offsets.T in fp32; the parts side by side."""
+    K = w.shape[1]
+    s = g.add("Slice", [x, g.const("zero", np.array([0], dtype=np.int64)), rk,
+                        g.const("axis0", np.array([0], dtype=np.int64))])  # (k, K)
+    rows = g.add("Shape", [x], start=0, end=1)  # [n]
+    stacked: dict[int, str] = {}
+    for b in sorted({p.block for p in w.parts}):
+        # R = s - Q(s), Q as MLAS quantizes activations: per block, scale amax/127, round
+        # half to even (measured: W.Q(x) + W.Q(R) is within ~3e-5 relative of W.x)
+        sb = g.add("Reshape", [s, g.const("blocks", np.array([0, K // b, b], dtype=np.int64))])
+        amax = g.add("ReduceMax", [g.add("Abs", [sb])], axes=(-1,), keepdims=1)  # (k, nb, 1)
+        scale = g.add("Div", [amax, g.const("c127", np.array(127.0, dtype=np.float32))])
+        safe = g.add("Max", [scale, g.const("tiny", np.array(1e-30, dtype=np.float32))])
+        q = g.add("Round", [g.add("Mul", [sb, g.add("Reciprocal", [safe])])])
+        r = g.add("Sub", [sb, g.add("Mul", [q, scale])])  # (k, nb, b)
+        r = g.add("Reshape", [r, g.const("flat", np.array([0, K], dtype=np.int64))])  # (k, K)
+        stacked[b] = g.add("Concat", [x, r], axis=0)  # (n + k, K)
+    ys: list[str] = []
+    for i, p in enumerate(w.parts):
+        N, nb = p.scales.shape
+        ins = [stacked[p.block], g.external(f"{tag}.B{i}", p.q),
+               g.external(f"{tag}.S{i}", p.scales.reshape(-1))]
+        z = _packed_zero_points(p)
+        if z is not None:
+            ins.append(g.external(f"{tag}.Z{i}", z))
+        y = g.add("MatMulNBits", ins, "com.microsoft", K=K, N=N, bits=p.bits,
+                  block_size=p.block, accuracy_level=ACCURACY_LEVEL)  # (n + k, N)
+        # the residual's rows added to x's: (1 + k/n, n, N) summed over the first axis
+        shape = g.add("Concat", [g.const("minus1", np.array([-1], dtype=np.int64)), rows,
+                                 g.const("cols", np.array([N], dtype=np.int64))], axis=0)
+        y = g.add("ReduceSum", [g.add("Reshape", [y, shape]),
+                                g.const("axis0", np.array([0], dtype=np.int64))],
+                  keepdims=0)  # (n, N)
+        if p.offsets is not None:  # blocksum(x) @ offsets.T, fp32: (n, N)
+            xb = g.add("Reshape", [x, g.const("blocks", np.array([0, nb, p.block],
+                                                                  dtype=np.int64))])
+            xs = g.add("ReduceSum", [xb, g.const("last", np.array([-1], dtype=np.int64))],
+                       keepdims=0)  # (n, nb)
+            y = g.add("Add", [y, g.add("MatMul", [xs, g.external(f"{tag}.O{i}",
+                                                                 p.offsets.T)])])
+        ys.append(y)
+    return ys[0] if len(ys) == 1 else g.add("Concat", ys, axis=1)  # (n, N)
+
+
 class _NBitsKernel:
-    """One onnxruntime session for `x @ W.T`. Inputs: A = x (n, K) and S (k, K): S is x
-    again (k = n) for the residual, or no rows (k = 0). Per block size of the parts the
-    residual R of S is stacked under A; per part one MatMulNBits over both; output Y
-    (n + k, N), whose halves the caller adds, and per part with a min its offset term
-    (n, N_i) from A."""
+    """One onnxruntime session for `x @ W.T` (`nbits_linear`): inputs x (n, K) and rk."""
 
     def __init__(self, name: str, parts: Sequence[BlockQuant], threads: int) -> None:
-        import onnxruntime as ort
-
-        K = parts[0].shape[1]
-        self.name = name
-        self.N = sum(p.shape[0] for p in parts)
-        self._no_rows = np.zeros((0, K), dtype=np.float32)
-        nodes: list[Node] = []
-        inits: list[Initializer] = []
-        self._keep: list[Any] = []  # arrays and OrtValues the session reads from
-        names: list[str] = []
-        values: list[Any] = []
-
-        def external(tag: str, arr: np.ndarray) -> str:
-            arr = np.ascontiguousarray(arr)
-            inits.append(Initializer(tag, arr.dtype, tuple(arr.shape), location=tag,
-                                     offset=0, length=int(arr.nbytes)))
-            value = ort.OrtValue.ortvalue_from_numpy(arr)
-            self._keep += [arr, value]
-            names.append(tag)
-            values.append(value)
-            return tag
-
-        def constant(tag: str, arr: np.ndarray) -> str:
-            inits.append(Initializer(tag, arr.dtype, tuple(arr.shape), arr.tobytes()))
-            return tag
-
-        constant("c127", np.array(127.0, dtype=np.float32))
-        constant("tiny", np.array(1e-30, dtype=np.float32))
-        constant("flat", np.array([0, K], dtype=np.int64))
-        constant("last", np.array([-1], dtype=np.int64))
-        for b in sorted({p.block for p in parts}):
-            # R = s - Q(s), Q as MLAS quantizes activations: per block, scale amax/127,
-            # round half to even, as MLAS does (measured: W.Q(x) + W.Q(R) is within ~3e-5
-            # relative of W.x); then x over R: (n + k, K)
-            constant(f"blocks{b}", np.array([0, K // b, b], dtype=np.int64))
-            nodes += [
-                Node("Reshape", ["S", f"blocks{b}"], [f"sb{b}"]),  # (k, nb, b)
-                Node("Abs", [f"sb{b}"], [f"abs{b}"]),
-                Node("ReduceMax", [f"abs{b}"], [f"amax{b}"], {"axes": (-1,), "keepdims": 1}),
-                Node("Div", [f"amax{b}", "c127"], [f"scale{b}"]),  # (k, nb, 1)
-                Node("Max", [f"scale{b}", "tiny"], [f"safe{b}"]),  # an all-zero block: q = 0
-                Node("Reciprocal", [f"safe{b}"], [f"inv{b}"]),
-                Node("Mul", [f"sb{b}", f"inv{b}"], [f"ss{b}"]),
-                Node("Round", [f"ss{b}"], [f"q{b}"]),
-                Node("Mul", [f"q{b}", f"scale{b}"], [f"qs{b}"]),
-                Node("Sub", [f"sb{b}", f"qs{b}"], [f"rb{b}"]),
-                Node("Reshape", [f"rb{b}", "flat"], [f"R{b}"]),  # (k, K)
-                Node("Concat", ["A", f"R{b}"], [f"AR{b}"], {"axis": 0}),  # (n + k, K)
-            ]
-        ys: list[str] = []
-        self._offsets: list[tuple[str, int, int]] = []  # (output, first column, end column)
-        col = 0
-        for i, p in enumerate(parts):
-            N, nb = p.scales.shape
-            ins = [f"AR{p.block}", external(f"B{i}", p.q), external(f"S{i}", p.scales.reshape(-1))]
-            z = _packed_zero_points(p)
-            if z is not None:
-                ins.append(external(f"Z{i}", z))
-            # W.x = W.Q(x) + W.Q(x - Q(x)): both rows in one call, the weights read once
-            nodes.append(Node("MatMulNBits", ins, [f"Y{i}"],
-                              dict(K=K, N=N, bits=p.bits, block_size=p.block,
-                                   accuracy_level=ACCURACY_LEVEL), "com.microsoft"))
-            ys.append(f"Y{i}")
-            if p.offsets is not None:  # blocksum(x) @ offsets.T, fp32: (n, N_i)
-                nodes += [
-                    Node("Reshape", ["A", f"blocks{p.block}"], [f"xb{i}"]),  # (n, nb, b)
-                    Node("ReduceSum", [f"xb{i}", "last"], [f"xs{i}"], {"keepdims": 0}),
-                    Node("MatMul", [f"xs{i}", external(f"O{i}", p.offsets.T)], [f"off{i}"])]
-                self._offsets.append((f"off{i}", col, col + N))
-            col += N
-        if len(ys) > 1:
-            nodes.append(Node("Concat", ys, ["Y"], {"axis": 1}))
-        else:
-            j = next(j for j, node in enumerate(nodes) if node.outputs == [ys[0]])
-            nodes[j] = Node(nodes[j].op_type, nodes[j].inputs, ["Y"], nodes[j].attrs,
-                            nodes[j].domain)
+        w = QWeight(name, tuple(parts))
+        g = Graph()
+        g.rename(nbits_linear(g, "x", w, "w", "rk"), "y")
         f32 = np.dtype(np.float32)
-        outputs: list[tuple[str, np.dtype, list[int | str]]] = [("Y", f32, ["m", self.N])]
-        outputs += [(o, f32, ["n", c1 - c0]) for o, c0, c1 in self._offsets]
-        proto = model_bytes(nodes, [("A", f32, ["n", K]), ("S", f32, ["k", K])], outputs,
-                            inits)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        so.enable_cpu_mem_arena = False  # outputs are freed, not kept at their largest size
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # no spinning: between calls the numpy side needs the cores
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        so.add_external_initializers(names, values)
-        try:
-            session = ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime's own exception types
-            raise ValueError(f"tensor {name}: onnxruntime refused its kernel ({e})") from e
-        self._names = ["Y"] + [o for o, _, _ in self._offsets]
-        self._run = session._sess.run  # the bound C++ run: least per-call overhead
-        self._session = session
+        N, K = w.shape
+        self._run, self._keep = g.session(
+            [("x", f32, ["n", K]), ("rk", np.dtype(np.int64), [1])], [("y", f32, ["n", N])],
+            name, threads)
 
     def __call__(self, x: np.ndarray, residual: bool) -> np.ndarray:
         """x (n, K) -> (n, N)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        n = x.shape[0]
-        outs = self._run(self._names, {"A": x, "S": x if residual else self._no_rows}, None)
-        y = outs[0]  # (n + k, N)
-        if residual:
-            y = np.add(y[:n], y[n:], out=y[:n])  # (n, N)
-        for (_, c0, c1), off in zip(self._offsets, outs[1:], strict=True):
-            y[:, c0:c1] += off
+        rk = np.array([x.shape[0] if residual else 0], dtype=np.int64)
+        y: np.ndarray = self._run(["y"], {"x": x, "rk": rk}, None)[0]
         return y
