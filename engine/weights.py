@@ -232,6 +232,26 @@ def mmap_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
         raise ValueError(f"{path}: corrupt safetensors file ({e})") from e
 
 
+def release_mapped_pages(a: np.ndarray) -> int:
+    """Tell the kernel this process no longer needs the pages of `a`, a read-only view of a
+    file mapping (`mmap_safetensors`), so they leave its RSS; a later read faults them back
+    in from the file. Anything else (heap or anonymous memory, whose pages would be zeroed)
+    is left alone. Returns the bytes released."""
+    base: object = a
+    while isinstance(base, np.ndarray | memoryview):  # frombuffer: a memoryview of the map
+        base = base.base if isinstance(base, np.ndarray) else base.obj
+    if not isinstance(base, mmap.mmap) or a.flags.writeable or a.nbytes == 0:
+        return 0
+    origin = np.frombuffer(base, dtype=np.uint8, count=1).ctypes.data
+    page = mmap.PAGESIZE
+    start = -(-(a.ctypes.data - origin) // page) * page  # whole pages inside `a` only
+    end = (a.ctypes.data - origin + a.nbytes) // page * page
+    if end <= start:
+        return 0
+    base.madvise(mmap.MADV_DONTNEED, start, end - start)
+    return end - start
+
+
 # --------------------------------------------------------------------------- engine-ready copy
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engine.config import ModelConfig
-from engine.weights import load_model_files, mmap_safetensors
+from engine.weights import load_model_files, mmap_safetensors, release_mapped_pages
 from tests.engine.tiny import tiny_config, tiny_tensors, tiny_vocab, write_tiny_gguf
 
 CFG = tiny_config(vocab_size=len(tiny_vocab()[0]), sliding_layers=(True,) * 5 + (False,),
@@ -193,3 +193,30 @@ def test_a_flipped_embedded_gguf_is_assembled_again(
         digest = _checked_source(path, memo, embedded=True, progress=lambda m, f: None)
     assert digest == embedded_sha256() == file_sha256(path, fresh=True)
     assert "assembling it again" in caplog.text
+
+
+def _rss_pages() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1])
+
+
+def test_released_pages_of_a_mapped_file_leave_rss_and_read_back_the_same(
+        tmp_path: Path) -> None:
+    import mmap
+
+    from safetensors.numpy import save_file
+
+    want = np.random.default_rng(0).integers(0, 255, (4096, 1024), dtype=np.uint8)  # 4 MB
+    save_file({"q": want}, str(tmp_path / "w.safetensors"))
+    q = mmap_safetensors(tmp_path / "w.safetensors")[0]["q"]
+    assert int(q.sum()) == int(want.sum())  # every page read in
+    before = _rss_pages()
+    released = release_mapped_pages(q)
+    assert released >= q.nbytes - 2 * mmap.PAGESIZE  # the whole pages inside the array
+    assert _rss_pages() <= before - released // mmap.PAGESIZE // 2
+    np.testing.assert_array_equal(q, want)  # faulted back in from the file
+    # heap and anonymous (writable) memory is never released: its pages would be zeroed
+    heap = want.copy()
+    anon = np.frombuffer(mmap.mmap(-1, want.nbytes), dtype=np.uint8).reshape(want.shape)
+    anon[:] = want
+    assert release_mapped_pages(heap) == 0 and release_mapped_pages(anon) == 0
+    np.testing.assert_array_equal(anon, want)
