@@ -392,6 +392,8 @@ def _open_ready(ready: Path, source: Path, digest: str) -> ModelFiles:
         raise ValueError(f"{ready}: engine.json carries no checksums")
     arrays, _ = mmap_safetensors(ready / "model.safetensors")
     verify(arrays, info["checksums"], ready / "model.safetensors")
+    for a in arrays.values():  # checking read every page: only what is used comes back
+        release_mapped_pages(a)
     tensors = unflatten(arrays, info.get("quantized", {}), ready)
     check_tensors(config, tensors, ready, packed=True)
     tokenizer = Tokenizer.load(ready)
