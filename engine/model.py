@@ -437,9 +437,11 @@ def _forward(
 
     # token embedding scaled by sqrt(d); soft tokens from their embedders, unscaled
     x = embed_inputs(cfg, w, ids, start, soft)  # (T, d)
-    # a few rows on a quantized trunk: one call per layer does all but the attention
-    # (engine.kernels.fused), starting with layer 0's pre-norm and projection
-    fused = w.fused if w.fused is not None and w.fused.ready and T <= NBITS_MAX_ROWS else None
+    # a few rows on a quantized trunk (or any number on int8 activations alone, as `linear`
+    # takes them): one call per layer does all but the attention (engine.kernels.fused),
+    # starting with layer 0's pre-norm and projection
+    few = T <= NBITS_MAX_ROWS or w.approximate
+    fused = w.fused if w.fused is not None and w.fused.ready and few else None
     exact = not w.approximate
     qkv = None if fused is None or fused.head is None else fused.head(x, exact)  # (T, ...)
 

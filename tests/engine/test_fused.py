@@ -102,6 +102,13 @@ def test_long_chunks_and_dense_trunks_take_the_matrix_path() -> None:
     long = run(cfg, w, ids, [len(ids)])
     split = run(cfg, w, ids, [NBITS_MAX_ROWS, 1])
     np.testing.assert_allclose(long, split, rtol=2e-3, atol=2e-3 * np.abs(long).max())
+    # on int8 activations alone (next-edit scoring's candidate tree) every row count is fused,
+    # as the matrix path takes MatMulNBits for every row count there: no per-matrix session
+    # is built on the way (it would be a second packed copy of the trunk)
+    rough = dataclasses.replace(w, approximate=True)
+    run(cfg, rough, ids, [len(ids)])
+    assert all(getattr(layer, n)._kernel is None for layer in w.layers
+               for n in ("wqkv", "wo", "w_gate_up", "w_down"))
     dense = Weights.from_packed(cfg, pack_tensors(cfg, tiny_tensors(cfg)))  # type: ignore
     assert dense.fused is None and not fusable(dense.layers)
     with pytest.raises(AssertionError):
