@@ -3,7 +3,9 @@ attention, MLP. Pure functions over weights.
 
 Activations are fp32. Matrices are `(out, in)` and applied as `Weights.linear(x, W)` = `x @ W.T`:
 a GGUF's quantized matrices stay in their block formats (engine.kernels.quantized), dense ones
-are fp32 (engine.kernels.prepacked for a few rows). Norm weights are stored as the factor to
+are fp32 (engine.kernels.prepacked for a few rows). On a quantized trunk a few rows take one
+call per layer for everything but the attention (engine.kernels.fused); `forward` then skips
+its own matmul steps, which stay the reference. Norm weights are stored as the factor to
 multiply by (GGUF already holds `1 + w`; HF loaders add the 1).
 """
 
