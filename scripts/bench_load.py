@@ -41,13 +41,16 @@ sys.path.insert(0, str(ROOT))
 SHARED_BASE = ROOT.parent / "shared" / "bench" / "typing_base.py.txt"
 FALLBACK_BASE = ROOT / "tests" / "data" / "typing_base.py.txt"
 WINDOW = 8192
+# typed on a line of their own, opened below the line the cursor jumps to (as an editor user
+# does): typed into the start of an existing line, every keystroke would be in the middle of
+# that line, where a completion must run into its rest or there is none
 SNIPPETS = [
-    "    result = compute(values, limit=10)\n",
-    "    if not items:\n        return None\n",
-    "    for key, value in sorted(table.items()):\n",
-    "    log.info(\"done: %d items\", len(out))\n",
-    "def helper(path: str) -> list[str]:\n",
-    "    total = sum(x * x for x in xs)\n",
+    "\n    result = compute(values, limit=10)",
+    "\n    if not items:\n        return None",
+    "\n    for key, value in sorted(table.items()):",
+    "\n    log.info(\"done: %d items\", len(out))",
+    "\ndef helper(path: str) -> list[str]:",
+    "\n    total = sum(x * x for x in xs)",
 ]
 
 
@@ -122,7 +125,7 @@ class Window:
         while time.monotonic() < until:
             lines = self.text.splitlines(keepends=True)
             at = rng.randrange(len(lines) // 4, len(lines))  # jump to a line, type a statement
-            cursor = sum(len(x) for x in lines[:at])
+            cursor = sum(len(x) for x in lines[:at]) + len(lines[at].rstrip("\r\n"))  # its end
             for ch in rng.choice(SNIPPETS):
                 if time.monotonic() >= until:
                     return
