@@ -33,6 +33,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+
+from shape_gguf import SHAPES  # noqa: E402
+
 SAMPLE = ROOT.parent / "shared" / "bench" / "typing_base.py.txt"
 
 
@@ -224,7 +227,7 @@ def bench_shape(args: argparse.Namespace) -> dict[str, Any]:
     """Both engines on a random-weight GGUF of `args.shape` (scripts/shape_gguf.py): a cold
     start (the engine-ready copy built), a warm one, decode at the start of a context of
     `args.ctx` tokens allocated; each in a fresh process, so RSS is that run's alone."""
-    from shape_gguf import SHAPES, write_shape_gguf
+    from shape_gguf import write_shape_gguf
 
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="gemma-lsp-shape-"))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -276,7 +279,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-cold", action="store_true", help="skip the cold/warm load runs")
-    ap.add_argument("--shape", choices=["gemma3-12b", "gemma3-4b"],
+    ap.add_argument("--shape", choices=sorted(SHAPES),
                     help="instead: a random-weight GGUF of this shape (several GB on disk)")
     ap.add_argument("--layers", type=int, help="with --shape: fewer layers than the shape's")
     ap.add_argument("--ctx", type=int, default=8192, help="with --shape: context allocated")

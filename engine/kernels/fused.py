@@ -43,10 +43,8 @@ BACKEND = "onnxruntime, one graph per layer (MatMulNBits, int8 activations + res
 
 def _norm(g: Graph, x: str, w: np.ndarray, eps: float, tag: str) -> str:
     """rmsnorm over the last axis: x / sqrt(mean(x^2) + eps) * w."""
-    out = f"{tag}_n"
-    g.node("SimplifiedLayerNormalization", [x, g.const(f"{tag}_w", w)], [out],
-           axis=-1, epsilon=float(eps), stash_type=1)
-    return out
+    return g.add("SimplifiedLayerNormalization", [x, g.const(tag, w)], axis=-1,
+                 epsilon=float(eps), stash_type=1)
 
 
 class _Session:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.kernels.onnx_graph import Initializer, Node, model_bytes
+from engine.kernels.onnx_graph import Graph
 
 log = logging.getLogger(__name__)
 
@@ -51,46 +51,32 @@ class PrepackedMatmul:
         self.w = w
         self.name = name
         self.transposed = transposed
-        self._session: object | None = None
-        self._value: object | None = None  # the OrtValue over w: must outlive the session
+        self._run: Any = None  # the session's bound run call, once built
+        self._keep: list[object] = []  # the session and the OrtValue over w it reads
 
     @property
     def ready(self) -> bool:
-        return self._session is not None
+        return self._run is not None
 
     def build(self, threads: int) -> None:
         """Build the session (raises if onnxruntime is missing or refuses the graph)."""
-        import onnxruntime as ort
-
         n, k = self.w.shape if self.transposed else self.w.shape[::-1]
         f32 = np.dtype(np.float32)
-        node = (Node("Gemm", ["X", "W"], ["Y"], {"transB": 1}) if self.transposed
-                else Node("MatMul", ["X", "W"], ["Y"]))
-        proto = model_bytes(
-            [node], [("X", f32, ["rows", k])], [("Y", f32, ["rows", n])],
-            [Initializer("W", f32, tuple(self.w.shape), location="W", offset=0,
-                         length=int(self.w.nbytes))])
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        so.enable_cpu_mem_arena = False  # outputs are freed, not kept at their largest size
-        # no spinning: between calls the numpy side needs the cores
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self._value = ort.OrtValue.ortvalue_from_numpy(self.w)
-        so.add_external_initializers(["W"], [self._value])
-        self._session = ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"])
+        g = Graph()
+        w = g.external("W", self.w)  # C-contiguous fp32: read in place, not copied
+        g.rename(g.add("Gemm", ["X", w], transB=1) if self.transposed
+                 else g.add("MatMul", ["X", w]), "Y")
+        self._run, self._keep = g.session([("X", f32, ["rows", k])], [("Y", f32, ["rows", n])],
+                                          self.name, threads)
 
     def drop(self) -> None:
         """Forget the session (its packed copy goes with it)."""
-        self._session = self._value = None
+        self._run, self._keep = None, []
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """(M, K) -> (M, N) by the packed kernel (built first)."""
-        assert self._session is not None, self.name
-        out = self._session.run(  # type: ignore[attr-defined]
-            None, {"X": np.ascontiguousarray(x, dtype=np.float32)})
+        assert self._run is not None, self.name
+        out = self._run(["Y"], {"X": np.ascontiguousarray(x, dtype=np.float32)}, None)
         return out[0]  # (M, N)
 
 

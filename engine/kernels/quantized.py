@@ -97,8 +97,7 @@ class QWeight:
         N, K = self.shape
         with self._lock:
             if self._kernel is None:
-                self._kernel = _NBitsKernel(self.name, self.parts,
-                                            1 if N * K < ONE_THREAD_BELOW else threads)
+                self._kernel = _NBitsKernel(self, 1 if N * K < ONE_THREAD_BELOW else threads)
 
     def __call__(self, x: np.ndarray, residual: bool = True) -> np.ndarray:
         """x (n, K) fp32 @ W.T -> (n, N) fp32 by MatMulNBits, on int8 activations and their
@@ -232,15 +231,14 @@ def nbits_linear(g: Graph, x: str, w: QWeight, tag: str, rk: str) -> str:
 class _NBitsKernel:
     """One onnxruntime session for `x @ W.T` (`nbits_linear`): inputs x (n, K) and rk."""
 
-    def __init__(self, name: str, parts: Sequence[BlockQuant], threads: int) -> None:
-        w = QWeight(name, tuple(parts))
+    def __init__(self, w: QWeight, threads: int) -> None:
         g = Graph()
         g.rename(nbits_linear(g, "x", w, "w", "rk"), "y")
         f32 = np.dtype(np.float32)
         N, K = w.shape
         self._run, self._keep = g.session(
             [("x", f32, ["n", K]), ("rk", np.dtype(np.int64), [1])], [("y", f32, ["n", N])],
-            name, threads)
+            w.name, threads)
 
     def __call__(self, x: np.ndarray, residual: bool) -> np.ndarray:
         """x (n, K) -> (n, N)."""
