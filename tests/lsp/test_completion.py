@@ -52,6 +52,14 @@ class FakeBackend:
         pass
 
 
+async def _started(backend: FakeBackend, n: int, timeout: float = 10.0) -> None:
+    """Until `n` streams have started (`backend.start` runs in a thread)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(backend.streams) < n and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    assert len(backend.streams) >= n
+
+
 def service(backend: FakeBackend, **completion: Any) -> tuple[CompletionService, DocumentStore]:
     opts, warnings = parse_options({"completion": {"debounceMs": 0, "warmAfterMs": 0,
                                                    "latencyBudgetMs": 0, **completion}})
@@ -106,8 +114,8 @@ async def test_a_newer_document_state_cancels_abandoned_work() -> None:
     backend = FakeBackend(["a + b", "\n"])
     svc, store = service(backend)
     old = asyncio.create_task(svc.complete(URI, len(TEXT)))
-    await asyncio.sleep(0.05)
-    old.cancel()
+    await _started(backend, 1)  # the abandoned work is running (a fixed 0.05 s was not enough
+    old.cancel()  # on a loaded machine: the stream starts off the event loop)
     await asyncio.sleep(0.05)
     store.open(URI, TEXT + "x", 2, "python")
     new = asyncio.create_task(svc.complete(URI, len(TEXT) + 1))
